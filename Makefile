@@ -1,0 +1,32 @@
+# `make demo`: set up everything and run the main job on the built-in synthetic collection.
+# `make test`: set up everything and run lint + the test suite (what CI runs).
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo
+
+.PHONY: setup demo test lint format bench clean-demo
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	$(BIN)/xdctools synth $(DEMO)/videos
+	$(BIN)/xdctools shard $(DEMO)/videos -o $(DEMO)/shards --workers 2
+	$(BIN)/xdctools inspect $(DEMO)/shards --png $(DEMO)/inspect.png
+
+test: setup lint
+	$(BIN)/pytest -q
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python benchmarks/shard.py
+
+clean-demo:
+	rm -rf $(DEMO)

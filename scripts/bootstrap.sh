@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for xdctools: ffmpeg (Debian package), a venv, CPU torch, the package.
+# Idempotent: every step is skipped when already done. Used by `make demo`, `make test` and CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # a CPU build on these machines; unpinned torch is a multi-GB CUDA build
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then
+  echo "[bootstrap] installing ffmpeg (Debian package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq ffmpeg >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+fi
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "[bootstrap] installing torch==$TORCH_VERSION"
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
+fi
+
+stamp="$VENV/.xdctools-installed"
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  echo "[bootstrap] installing xdctools[cpu,test] (DALI, faiss-cpu, zarr, librosa, ...)"
+  "$VENV/bin/pip" install -q -e ".[cpu,test]"
+  touch "$stamp"
+fi

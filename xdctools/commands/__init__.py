@@ -1,0 +1,1 @@
+"""Click commands, one module each; registered lazily in xdctools/cli.py."""
