@@ -9,7 +9,12 @@ import click
 from xdctools import __version__
 
 # name -> "module:attribute"; modules import heavy dependencies (torch, DALI) only when run.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "cluster": "xdctools.commands.cluster:cluster",
+    "inspect": "xdctools.commands.inspect:inspect_cmd",
+    "shard": "xdctools.commands.shard:shard",
+    "synth": "xdctools.commands.synth:synth",
+}
 
 
 class LazyGroup(click.Group):

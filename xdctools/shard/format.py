@@ -116,11 +116,15 @@ def clip_mel_start(clip_start: int, clip_span: int, fps: Fraction | float) -> in
 
 
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+_MEDIA_SUFFIX = re.compile(r"\.[A-Za-z0-9]{2,5}(?=$|#)")
 
 
 def make_key(video: int, name: str, segment: int) -> str:
-    """Sample key: no dots (WebDataset splits the extension at the first dot), unique by index."""
-    slug = _SLUG.sub("_", name).strip("_")[:60] or "x"
+    """Sample key: no dots (WebDataset splits the extension at the first dot), unique by index.
+
+    The slug of the relative name (extension dropped) is only for people reading keys.
+    """
+    slug = _SLUG.sub("_", _MEDIA_SUFFIX.sub("", name)).strip("_")[:60] or "x"
     return f"v{video:08d}_{slug}_s{segment:03d}"
 
 

@@ -1,0 +1,526 @@
+"""Inputs (folders, split lists, csvs, manifests) -> a Plan of jobs, found on disk by name, media unopened."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+
+from xdctools.errors import ConfigError, InputError
+from xdctools.shard import annotations as ann
+from xdctools.shard.jobs import Job, Plan
+
+KINDS = ("class-tree", "folder", "audio", "kinetics-csv", "ucf101", "hmdb51", "esc50", "manifest")
+# Pretraining drops videos without audio, as the paper does; downstream video sets keep them.
+AUDIO_REQUIRED = {
+    "class-tree": True,
+    "folder": True,
+    "kinetics-csv": True,
+    "manifest": True,
+    "ucf101": False,
+    "hmdb51": False,
+    "esc50": True,
+    "audio": True,
+}
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpeg", ".mpg", ".m4v", ".flv", ".3gp", ".ts", ".wmv", ".ogv"}
+)
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus", ".aac"})
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+CLASS_INDEX_NAME = "classInd.txt"  # picked up from a class tree's root when no class file is given
+
+
+def build_plan(
+    root: str | Path,
+    *,
+    kind: str | None = None,
+    csv: Path | None = None,
+    splits: Path | None = None,
+    split_ids: Sequence[int] | str | None = None,
+    manifest: Path | None = None,
+    classes: Path | None = None,
+    set_name: str = "train",
+) -> Plan:
+    """The jobs for `xdctools shard`, grouped into shard sets.
+
+    `root` is the media folder (for `manifest`, it may be the manifest file itself); `kind` is one of
+    KINDS or None to detect it (see `detect_kind`). `split_ids` picks UCF101/HMDB51 splits (default
+    [1]) or ESC-50 folds (default all); "all" takes every one found. `classes` is a class index file
+    ("1 Name" lines or one name per line) that fixes class names and indices. `set_name` names the
+    single set of unsplit inputs.
+
+    Within a set, jobs are sorted by name and `index` is their position; every set holds at least
+    one job. Annotated files absent from disk are listed in `Plan.missing`.
+    """
+    root = Path(root)
+    if manifest is None and kind in (None, "manifest") and root.suffix.lower() in MANIFEST_SUFFIXES:
+        manifest = root
+    if kind is None:
+        kind = detect_kind(root, csv=csv, splits=splits, manifest=manifest)
+    if kind not in KINDS:
+        raise ConfigError(f"unknown input kind {kind!r} (choose from {', '.join(KINDS)})")
+    if kind == "manifest":
+        if manifest is None:
+            raise ConfigError(f"{root}: kind 'manifest' needs a manifest file (csv or jsonl)")
+        return _plan_manifest(Path(manifest), classes, set_name)
+    _check_dir(root)
+    if kind in ("class-tree", "folder", "audio"):
+        return _plan_tree(root, kind, classes, set_name)
+    if kind == "kinetics-csv":
+        if csv is None:
+            raise ConfigError(f"{root}: kind 'kinetics-csv' needs a Kinetics csv file")
+        return _plan_kinetics(root, Path(csv), classes, set_name)
+    if kind == "esc50":
+        return _plan_esc50(root, None if splits is None else Path(splits), split_ids, classes)
+    if splits is None:
+        raise ConfigError(f"{root}: kind {kind!r} needs the folder of its split files")
+    if kind == "ucf101":
+        return _plan_ucf101(root, Path(splits), split_ids, classes)
+    return _plan_hmdb51(root, Path(splits), split_ids, classes)
+
+
+def detect_kind(
+    root: Path, *, csv: Path | None = None, splits: Path | None = None, manifest: Path | None = None
+) -> str:
+    """The input kind implied by the arguments, else by the root's layout (only names are looked at)."""
+    if splits is not None:
+        return _splits_kind(Path(splits))
+    if csv is not None:
+        return "kinetics-csv"
+    if manifest is not None:
+        return "manifest"
+    _check_dir(root)
+    if (root / "meta" / "esc50.csv").is_file():
+        return "esc50"
+    videos = list_media(root, VIDEO_SUFFIXES)
+    if videos:
+        return "class-tree" if any("/" in v for v in videos) else "folder"
+    if list_media(root, AUDIO_SUFFIXES):
+        return "audio"
+    raise InputError(
+        f"{root}: no video or audio files found ({_suffix_list(VIDEO_SUFFIXES | AUDIO_SUFFIXES)})"
+    )
+
+
+def list_media(root: Path, suffixes: Iterable[str]) -> list[str]:
+    """Sorted POSIX paths, relative to `root`, of files whose suffix (any case) is in `suffixes`.
+
+    Hidden files and folders are skipped; linked folders are followed, each real folder once.
+    """
+    wanted = frozenset(suffixes)
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
+                found.append(name if rel == "." else f"{rel}/{name}")
+    return sorted(found)
+
+
+def load_classes(path: Path) -> list[str]:
+    """Class names in index order from a class index file (see `annotations.parse_class_index`)."""
+    return ann.parse_class_index(_read_text(Path(path), "class index file"), str(path))
+
+
+# --- finding annotated files among those on disk --------------------------------------------------
+class _FileIndex:
+    """Lookups of annotated names among the media files under one folder."""
+
+    def __init__(self, rel_paths: list[str]) -> None:
+        self.exact = set(rel_paths)
+        self.by_key: dict[str, list[str]] = {}  # lower-cased path without suffix -> paths
+        self.by_stem: dict[str, list[str]] = {}  # file stem (case kept: YouTube ids) -> paths
+        for rel in rel_paths:  # sorted, so every list is sorted
+            base, _ = os.path.splitext(rel)
+            self.by_key.setdefault(base.lower(), []).append(rel)
+            self.by_stem.setdefault(base.rpartition("/")[2], []).append(rel)
+
+    def path(self, rel: str) -> str | None:
+        """`rel` itself, else the same path in another case or with another video suffix."""
+        if rel in self.exact:
+            return rel
+        hits = self.by_key.get(os.path.splitext(rel)[0].lower())
+        return hits[0] if hits else None
+
+    def stem(self, stem: str, folder: str | None = None) -> str | None:
+        """A file named `stem` anywhere; one in a folder named `folder` first."""
+        hits = self.by_stem.get(stem)
+        if not hits:
+            return None
+        if folder is not None:
+            for rel in hits:
+                if PurePosixPath(rel).parent.name == folder:
+                    return rel
+        return hits[0]
+
+
+def _missing(path: str, set_name: str) -> dict:
+    return {"path": path, "reason": "missing_file", "set": set_name}
+
+
+def _indexer(classes: list[str], source: str) -> Callable[[str | None, str], int]:
+    """label -> class index (-1 for None); an unknown label is an InputError naming `where`."""
+    index = {name: i for i, name in enumerate(classes)}
+
+    def class_index(label: str | None, where: str) -> int:
+        if label is None:
+            return -1
+        if label not in index:
+            raise InputError(f"{where}: class {label!r} is not in {source}")
+        return index[label]
+
+    return class_index
+
+
+def _assemble(
+    kind: str,
+    classes: list[str],
+    jobs: Iterable[Job],
+    missing: list[dict],
+) -> Plan:
+    """Group jobs into sets, sort each by name and number it: the same inputs give the same plan."""
+    grouped: dict[str, list[Job]] = {}
+    for job in jobs:
+        grouped.setdefault(job.set_name, []).append(job)
+    sets = {}
+    for set_name in sorted(grouped):
+        ordered = sorted(grouped[set_name], key=lambda j: (j.name, j.start or 0.0, j.end or 0.0, j.path))
+        sets[set_name] = [replace(job, index=i) for i, job in enumerate(ordered)]
+    missing = sorted(missing, key=lambda m: (m["set"], m["path"]))
+    return Plan(kind=kind, classes=classes, sets=sets, audio_required=AUDIO_REQUIRED[kind], missing=missing)
+
+
+def _nothing_found(listing: Path, count: int, root: Path) -> InputError:
+    return InputError(f"{listing}: none of its {count} listed files were found under {root}")
+
+
+# --- class tree, flat folder, audio folder -------------------------------------------------------
+def _plan_tree(root: Path, kind: str, classes_file: Path | None, set_name: str) -> Plan:
+    suffixes = AUDIO_SUFFIXES if kind == "audio" else VIDEO_SUFFIXES
+    files = list_media(root, suffixes)
+    if not files:
+        what = "audio" if kind == "audio" else "video"
+        raise InputError(f"{root}: no {what} files found ({_suffix_list(suffixes)})")
+    base = os.path.abspath(root)
+    nested = [f for f in files if "/" in f]
+    if kind == "folder" or not nested:
+        jobs = [Job(set_name, -1, _join(base, f), f, audio_only=kind == "audio") for f in files]
+        return _assemble("audio" if kind == "audio" else "folder", [], jobs, [])
+    loose = [f for f in files if "/" not in f]
+    if loose:
+        raise InputError(
+            f"{root}: {len(loose)} media file(s) sit beside the class folders (e.g. {loose[0]!r}); "
+            "move them into a class folder"
+        )
+    if classes_file is None and (root / CLASS_INDEX_NAME).is_file():
+        classes_file = root / CLASS_INDEX_NAME
+    labels = sorted({f.split("/", 1)[0] for f in files})
+    classes = labels if classes_file is None else load_classes(classes_file)
+    class_index = _indexer(classes, str(classes_file or root))
+    jobs = []
+    for f in files:
+        label = f.split("/", 1)[0]
+        index = class_index(label, str(root / label))
+        jobs.append(Job(set_name, -1, _join(base, f), f, label, index, audio_only=kind == "audio"))
+    return _assemble(kind, classes, jobs, [])
+
+
+# --- Kinetics csv --------------------------------------------------------------------------------
+def _plan_kinetics(root: Path, csv_path: Path, classes_file: Path | None, set_name: str) -> Plan:
+    rows = ann.parse_kinetics_csv(_read_text(csv_path, "Kinetics csv"), str(csv_path), set_name)
+    if not rows:
+        raise InputError(f"{csv_path}: no rows")
+    if classes_file is None:
+        classes = sorted({r.label for r in rows if r.label is not None})
+        class_index = _indexer(classes, str(csv_path))
+    else:
+        classes = load_classes(classes_file)
+        class_index = _indexer(classes, str(classes_file))
+    index = _FileIndex(list_media(root, VIDEO_SUFFIXES))
+    base = os.path.abspath(root)
+    jobs, missing = [], []
+    for row in rows:
+        label_index = class_index(row.label, f"{csv_path}:{row.line}")
+        extra = (("youtube_id", row.youtube_id),)
+        stem = row.clip_stem
+        clip = index.stem(stem, row.label) if stem else None
+        if clip is not None:  # already trimmed to the annotated span
+            jobs.append(Job(row.split, -1, _join(base, clip), clip, row.label, label_index, extra=extra))
+            continue
+        full = index.stem(row.youtube_id, row.label)
+        if full is None:
+            missing.append(_missing(stem or row.youtube_id, row.split))
+            continue
+        name = f"{full}#t={row.start:g},{row.end:g}"  # media-fragment suffix: one full video, many spans
+        path = _join(base, full)
+        jobs.append(Job(row.split, -1, path, name, row.label, label_index, row.start, row.end, extra=extra))
+    if not jobs:
+        raise _nothing_found(csv_path, len(rows), root)
+    return _assemble("kinetics-csv", classes, jobs, missing)
+
+
+# --- UCF101 and HMDB51 ---------------------------------------------------------------------------
+def _plan_ucf101(
+    root: Path, splits: Path, split_ids: Sequence[int] | str | None, classes_file: Path | None
+) -> Plan:
+    folder = _annotation_dir(
+        splits, lambda names: any(ann.ucf101_list_name(n) for n in names), "UCF101 lists"
+    )
+    lists = {}
+    for path in folder.iterdir():
+        parsed = ann.ucf101_list_name(path.name)
+        if parsed is not None:
+            lists[parsed] = path
+    available = sorted({split for _, split in lists})
+    chosen = _choose(split_ids, available, folder, default=[1])
+    for split in chosen:
+        for subset in ("train", "test"):
+            if (subset, split) not in lists:
+                raise InputError(f"{folder}: split {split} has no {subset}list{split:02d}.txt")
+    if classes_file is None and (folder / CLASS_INDEX_NAME).is_file():
+        classes_file = folder / CLASS_INDEX_NAME
+    if classes_file is None:
+        raise InputError(f"{folder}: no {CLASS_INDEX_NAME} here (or pass a class index file)")
+    classes = load_classes(classes_file)
+    records = []
+    for split in chosen:
+        for subset in ("train", "test"):
+            path = lists[(subset, split)]
+            records += ann.parse_ucf101_list(
+                _read_text(path, "UCF101 list"), str(path), classes, split, subset
+            )
+    return _match_records("ucf101", root, folder, classes, records, VIDEO_SUFFIXES)
+
+
+def _plan_hmdb51(
+    root: Path, splits: Path, split_ids: Sequence[int] | str | None, classes_file: Path | None
+) -> Plan:
+    folder = _annotation_dir(
+        splits, lambda names: any(ann.hmdb51_split_name(n) for n in names), "HMDB51 splits"
+    )
+    files: dict[tuple[str, int], Path] = {}
+    for path in folder.iterdir():
+        parsed = ann.hmdb51_split_name(path.name)
+        if parsed is not None:
+            files[parsed] = path
+    labels = sorted({label for label, _ in files})
+    chosen = _choose(split_ids, sorted({split for _, split in files}), folder, default=[1])
+    for split in chosen:
+        absent = [label for label in labels if (label, split) not in files]
+        if absent:
+            raise InputError(f"{folder}: split {split} has no file for class(es) {', '.join(absent)}")
+    classes = labels if classes_file is None else load_classes(classes_file)
+    class_index = _indexer(classes, str(classes_file or folder))
+    records = []
+    for split in chosen:
+        for label in labels:
+            path = files[(label, split)]
+            index = class_index(label, str(path))
+            for rec in ann.parse_hmdb51_split(_read_text(path, "HMDB51 split file"), str(path), label, split):
+                records.append(replace(rec, class_index=index))
+    return _match_records("hmdb51", root, folder, classes, records, VIDEO_SUFFIXES)
+
+
+# --- ESC-50 --------------------------------------------------------------------------------------
+def _plan_esc50(
+    root: Path, splits: Path | None, split_ids: Sequence[int] | str | None, classes_file: Path | None
+) -> Plan:
+    csv_path = _esc50_csv(root if splits is None else splits)
+    records = ann.parse_esc50_csv(_read_text(csv_path, "ESC-50 csv"), str(csv_path))
+    if not records:
+        raise InputError(f"{csv_path}: no rows")
+    by_target: dict[int | None, tuple[str | None, int]] = {}  # target -> (category, first line)
+    for rec in records:
+        known = by_target.setdefault(rec.class_index, (rec.label, rec.line))
+        if known[0] != rec.label:
+            raise InputError(
+                f"{csv_path}:{rec.line}: target {rec.class_index} is {rec.label!r}, "
+                f"but {known[0]!r} on line {known[1]}"
+            )
+    if classes_file is None:
+        if sorted(by_target) != list(range(len(by_target))):
+            raise InputError(f"{csv_path}: targets are not 0..{len(by_target) - 1} without gaps")
+        classes = [by_target[t][0] for t in range(len(by_target))]
+    else:
+        classes = load_classes(classes_file)
+        class_index = _indexer(classes, str(classes_file))
+        records = [replace(r, class_index=class_index(r.label, f"{csv_path}:{r.line}")) for r in records]
+    folds = sorted({int(r.set_name.removeprefix("fold")) for r in records})
+    chosen = set(_choose(split_ids, folds, csv_path, default=folds))
+    records = [r for r in records if int(r.set_name.removeprefix("fold")) in chosen]
+    audio_dir = root / "audio" if (root / "audio").is_dir() else root
+    return _match_records("esc50", audio_dir, csv_path, classes, records, AUDIO_SUFFIXES, audio_only=True)
+
+
+def _esc50_csv(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for candidate in (path / "meta" / "esc50.csv", path / "esc50.csv"):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{path}: no ESC-50 meta/esc50.csv here")
+
+
+def _match_records(
+    kind: str,
+    root: Path,
+    listing: Path,
+    classes: list[str],
+    records: list[ann.Record],
+    suffixes: frozenset[str],
+    audio_only: bool = False,
+) -> Plan:
+    """Jobs for the records found under `root` (by relative path, else by file name); the rest missing."""
+    index = _FileIndex(list_media(root, suffixes))
+    base = os.path.abspath(root)
+    jobs, missing = [], []
+    for rec in records:
+        posix = rec.path.replace("\\", "/")
+        folder, _, filename = posix.rpartition("/")
+        stem, parent = os.path.splitext(filename)[0], folder.rpartition("/")[2] or None
+        rel = index.path(posix) or index.stem(stem, parent)
+        if rel is None:
+            missing.append(_missing(posix, rec.set_name))
+            continue
+        label_index = -1 if rec.class_index is None else rec.class_index
+        path = _join(base, rel)
+        jobs.append(
+            Job(rec.set_name, -1, path, rel, rec.label, label_index, None, None, audio_only, rec.extra)
+        )
+    if not jobs:
+        raise _nothing_found(listing, len(records), root)
+    return _assemble(kind, classes, jobs, missing)
+
+
+# --- manifests -----------------------------------------------------------------------------------
+def _plan_manifest(path: Path, classes_file: Path | None, set_name: str) -> Plan:
+    text = _read_text(path, "manifest")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        records = ann.parse_manifest_jsonl(text, str(path), set_name)
+    elif suffix == ".csv":
+        records = ann.parse_manifest_csv(text, str(path), set_name)
+    else:
+        raise InputError(f"{path}: a manifest must be .csv or .jsonl, not {path.suffix or 'no suffix'!r}")
+    if not records:
+        raise InputError(f"{path}: no rows")
+    if classes_file is None:
+        classes = sorted({r.label for r in records if r.label is not None})
+        class_index = _indexer(classes, str(path))
+    else:
+        classes = load_classes(classes_file)
+        class_index = _indexer(classes, str(classes_file))
+    base = os.path.abspath(path.parent)
+    jobs, missing = [], []
+    for rec in records:
+        name = _manifest_name(rec.path, base)
+        full = _join(base, rec.path)
+        index = class_index(rec.label, f"{path}:{rec.line}")
+        if not os.path.isfile(full):
+            missing.append(_missing(rec.path, rec.set_name))
+            continue
+        if rec.start is not None or rec.end is not None:
+            name = f"{name}#t={_seconds(rec.start)},{_seconds(rec.end)}"
+        audio_only = os.path.splitext(full)[1].lower() in AUDIO_SUFFIXES
+        jobs.append(Job(rec.set_name, -1, full, name, rec.label, index, rec.start, rec.end, audio_only))
+    if not jobs:
+        raise _nothing_found(path, len(records), path.parent)
+    return _assemble("manifest", classes, jobs, missing)
+
+
+def _manifest_name(entry: str, base: str) -> str:
+    """The entry's path relative to the manifest's folder when inside it, else its absolute path (POSIX)."""
+    full = _join(base, entry)
+    rel = os.path.relpath(full, base)
+    return Path(rel).as_posix() if not rel.startswith("..") else Path(full).as_posix()
+
+
+# --- small helpers -------------------------------------------------------------------------------
+def _check_dir(root: Path) -> None:
+    if not root.exists():
+        raise InputError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+
+
+def _join(base: str, rel: str) -> str:
+    return os.path.normpath(os.path.join(base, rel))
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _suffix_list(suffixes: Iterable[str]) -> str:
+    return " ".join(sorted(suffixes))
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A text file's content (UTF-8, BOM dropped, CRLF read as LF)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a {what}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what} ({e.strerror})") from None
+
+
+def _choose(
+    split_ids: Sequence[int] | str | None, available: list[int], where: Path, default: list[int]
+) -> list[int]:
+    """Requested split (or fold) numbers, checked against those present."""
+    if split_ids is None:
+        wanted = list(default)
+    elif isinstance(split_ids, str):
+        if split_ids.strip().lower() != "all":
+            raise ConfigError(f"splits must be numbers or 'all', got {split_ids!r}")
+        wanted = list(available)
+    else:
+        wanted = sorted({int(s) for s in split_ids})
+    absent = [s for s in wanted if s not in available]
+    if absent or not wanted:
+        have = ", ".join(map(str, available)) or "none"
+        raise InputError(f"{where}: split {', '.join(map(str, absent)) or '?'} not found (available: {have})")
+    return wanted
+
+
+def _annotation_dir(splits: Path, matches: Callable[[list[str]], bool], what: str) -> Path:
+    """`splits` when its files match, else its only sub-folder that does (e.g. ucfTrainTestlist/)."""
+    _check_dir(splits)
+    if matches([p.name for p in splits.iterdir()]):
+        return splits
+    inner = [d for d in sorted(splits.iterdir()) if d.is_dir() and matches([p.name for p in d.iterdir()])]
+    if len(inner) == 1:
+        return inner[0]
+    raise InputError(f"{splits}: no {what} found here")
+
+
+def _splits_kind(splits: Path) -> str:
+    """ucf101, hmdb51 or esc50, by the names of the split files."""
+    if splits.is_file():
+        if splits.suffix.lower() == ".csv":
+            return "esc50"
+        raise InputError(f"{splits}: expected a folder of split files (or ESC-50's esc50.csv)")
+    _check_dir(splits)
+    candidates = [splits, *(d for d in sorted(splits.iterdir()) if d.is_dir())]
+    for folder in candidates:
+        names = [p.name for p in folder.iterdir()]
+        if any(ann.ucf101_list_name(n) for n in names) or CLASS_INDEX_NAME in names:
+            return "ucf101"
+        if any(ann.hmdb51_split_name(n) for n in names):
+            return "hmdb51"
+        if "esc50.csv" in names or (folder / "meta" / "esc50.csv").is_file():
+            return "esc50"
+    raise InputError(f"{splits}: not UCF101 lists, HMDB51 split files or ESC-50 meta (cannot tell the kind)")
