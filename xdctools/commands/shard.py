@@ -1,0 +1,222 @@
+"""`xdctools shard`: a video (or audio) collection -> WebDataset tar shards with DALI indexes."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from xdctools.errors import XdcError
+from xdctools.shard.plan import KINDS
+
+if TYPE_CHECKING:
+    from xdctools.shard.run import Summary
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+class ByteSize(click.ParamType):
+    """'1GB', '500MB', '1.5GiB' or a plain number of bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = _SIZE.match(str(value))
+        unit = match and _UNITS.get(match.group(2).upper())
+        if not match or unit is None:
+            self.fail(f"{value!r} is not a size like 1GB, 500MB or 1073741824", param, ctx)
+        size = int(float(match.group(1)) * unit)
+        if size <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return size
+
+
+def parse_split(value: str | None) -> list[int] | str | None:
+    """None -> the input kind's default; 'all'; '1' or '1,3' -> those split numbers."""
+    if value is None:
+        return None
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        ids = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected 1, 2, 3, a list like 1,3, or all") from None
+    if not ids or ids[0] < 1:
+        raise click.BadParameter(f"{value!r}: split numbers start at 1")
+    return ids
+
+
+def format_summary(summary: Summary, out_dir: Path) -> str:
+    """The closing lines: ok / failed by reason / hours / GB, and where the details are."""
+    by_count = sorted(summary.failed.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines = [
+        f"ok: {summary.ok} videos, {summary.hours:.2f} h of video, {summary.bytes / 1e9:.3f} GB of shards",
+        f"failed: {sum(summary.failed.values()) + summary.missing}",
+        *(f"  {reason}: {n}" for reason, n in by_count),
+    ]
+    if summary.missing:
+        lines.append(f"  annotated but not found: {summary.missing}")
+    lines.append(
+        f"units: {summary.units_written} written now, {summary.units_skipped} already complete "
+        f"({summary.shards_written} tar files written)"
+    )
+    if summary.complete:
+        lines += [f"dataset: {summary.dataset_path}", f"errors: {summary.errors_path}"]
+    else:
+        lines.append(f"this node is done; {out_dir}/dataset.json is written when every node is done")
+    return "\n".join(lines)
+
+
+@click.command("shard")
+@click.argument("root", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--kind", type=click.Choice(KINDS), help="Input layout (detected when omitted).")
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Kinetics csv (label,youtube_id,time_start,time_end,split).",
+)
+@click.option(
+    "--splits",
+    type=click.Path(exists=True, path_type=Path),
+    help="Official split files (UCF101 lists, HMDB51 split folder, ESC-50 meta/esc50.csv).",
+)
+@click.option(
+    "--split",
+    "split",
+    default=None,
+    help="Which splits (folds): 1, 2, 3, a list like 1,3, or all (default: split 1, all folds).",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Generic manifest, csv or jsonl: path, optional label, start, end.",
+)
+@click.option(
+    "--classes",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Class index file (e.g. UCF101 classInd.txt); default: sorted folder names.",
+)
+@click.option("--set-name", default="train", show_default=True, help="Set name when the input has no splits.")
+@click.option("--codec", type=click.Choice(["vp9", "h264"]), default="vp9", show_default=True)
+@click.option(
+    "--short-side", type=int, default=256, show_default=True, help="Short side of the video, pixels."
+)
+@click.option("--fps", default=None, help="Output frame rate (e.g. 25 or 30000/1001); default: the source's.")
+@click.option("--gop", type=int, default=16, show_default=True, help="Keyframe interval, frames.")
+@click.option("--segment-frames", type=int, default=64, show_default=True, help="Frames per stored segment.")
+@click.option("--crf", type=int, default=None, help="Quality (default: vp9 32, h264 23).")
+@click.option(
+    "--audio",
+    type=click.Choice(["required", "optional"]),
+    default=None,
+    help="required: drop videos without usable audio; optional: keep them with a floor-value mel "
+    "(default: required for pretraining inputs, optional for UCF101/HMDB51).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=os.cpu_count() or 1,
+    show_default="all CPUs",
+    help="Worker processes, one ffmpeg each; the shards do not depend on it.",
+)
+@click.option("--ffmpeg-threads", type=int, default=1, show_default=True, help="Threads per ffmpeg process.")
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Videos per shard unit.")
+@click.option(
+    "--shard-bytes", type=ByteSize(), default=None, help="Roll a unit to a new part past this (1GB)."
+)
+@click.option(
+    "--node-rank", type=int, default=0, show_default=True, help="This machine's rank (Slurm array)."
+)
+@click.option("--num-nodes", type=int, default=1, show_default=True, help="Machines sharing the work.")
+def shard(
+    root: Path,
+    output: Path,
+    kind: str | None,
+    csv_path: Path | None,
+    splits: Path | None,
+    split: str | None,
+    manifest: Path | None,
+    classes: Path | None,
+    set_name: str,
+    codec: str,
+    short_side: int,
+    fps: str | None,
+    gop: int,
+    segment_frames: int,
+    crf: int | None,
+    audio: str | None,
+    workers: int,
+    ffmpeg_threads: int,
+    shard_size: int,
+    shard_bytes: int | None,
+    node_rank: int,
+    num_nodes: int,
+) -> None:
+    """Re-encode the videos under ROOT into WebDataset shards that DALI streams.
+
+    Each video becomes samples of up to --segment-frames frames (VP9 WebM, log-mel .npy, metadata); files
+    that cannot be used are listed with their reason in OUTPUT/errors.jsonl. Rerun the same command to
+    resume: complete shard units are kept.
+    """
+    from tqdm import tqdm
+
+    from xdctools.shard.params import ShardParams
+    from xdctools.shard.plan import build_plan
+    from xdctools.shard.run import run_shard
+
+    split_ids = parse_split(split)
+    plan = build_plan(
+        root,
+        kind=kind,
+        csv=csv_path,
+        splits=splits,
+        split_ids=split_ids,
+        manifest=manifest,
+        classes=classes,
+        set_name=set_name,
+    )
+    params = ShardParams(
+        codec=codec,
+        short_side=short_side,
+        fps=fps,
+        gop=gop,
+        segment_frames=segment_frames,
+        crf=crf,
+        ffmpeg_threads=ffmpeg_threads,
+        audio_required=plan.audio_required if audio is None else audio == "required",
+    )
+    bars: list[tqdm] = []  # created at the first report, so an early error prints no empty bar
+
+    def progress(done: int, total: int, ok: int, failed: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="video", dynamic_ncols=True, desc="shard"))
+        bars[0].set_postfix(ok=ok, failed=failed, refresh=False)
+        bars[0].update(done - bars[0].n)
+
+    try:
+        summary = run_shard(
+            plan,
+            params,
+            output,
+            shard_size=shard_size,
+            max_shard_bytes=shard_bytes,
+            workers=workers,
+            node_rank=node_rank,
+            num_nodes=num_nodes,
+            progress=progress,
+        )
+    except OSError as e:
+        raise XdcError(f"{e.filename or output}: {e.strerror or e}") from e
+    finally:
+        for bar in bars:
+            bar.close()
+    click.echo(format_summary(summary, output))
