@@ -1,0 +1,390 @@
+"""Out-of-core k-means on real features (FSDD log-mel and MFCC statistics) vs in-memory faiss and sklearn."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from faiss.contrib.clustering import DatasetAssign
+from faiss.contrib.clustering import kmeans as contrib_kmeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from xdctools.cluster.assign import ChunkAssign, StoreRows, l2_normalize
+from xdctools.cluster.kmeans import cluster_array, cluster_store, load_result, sample_rows, save_result
+from xdctools.cluster.report import cluster_metrics, format_table, purity, rank_clusters, top_bottom
+from xdctools.commands.cluster import cluster
+from xdctools.errors import ConfigError, DataError
+from xdctools.features.store import create_store, open_store
+from xdctools.shard.format import encode_info, make_key
+
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+CHUNK = 32  # small chunks, so 360 rows stream through 12 of them
+
+
+@pytest.fixture(scope="module")
+def fsdd(shared_dir: Path) -> dict[str, np.ndarray]:
+    """360 real recordings (6 speakers x 10 digits x 6): mean/std-pooled log-mel (80-d) and MFCC (40-d)."""
+    import librosa
+    import soundfile
+
+    mel, mfcc, speaker, digit = [], [], [], []
+    for s, name in enumerate(SPEAKERS):
+        for d in range(10):
+            for i in range(6):
+                y, sr = soundfile.read(shared_dir / "data" / "fsdd" / "recordings" / f"{d}_{name}_{i}.wav")
+                m = librosa.power_to_db(
+                    librosa.feature.melspectrogram(y=y, sr=sr, n_fft=256, hop_length=80, n_mels=40)
+                )
+                c = librosa.feature.mfcc(S=m, n_mfcc=20)
+                mel.append(np.r_[m.mean(1), m.std(1)])
+                mfcc.append(np.r_[c.mean(1), c.std(1)])
+                speaker.append(s)
+                digit.append(d)
+    return {
+        "video": np.array(mel, dtype=np.float32),
+        "audio": np.array(mfcc, dtype=np.float32),
+        "speaker": np.array(speaker),
+        "digit": np.array(digit),
+        "index": np.arange(len(mel), dtype=np.int64) * 3 + 11,  # global sample index != row number
+    }
+
+
+def make_store(path: Path, feats: dict[str, np.ndarray], modalities=("video", "audio")) -> Path:
+    n = len(feats["index"])
+    store = create_store(path, n, {m: feats[m].shape[1] for m in modalities}, chunk_rows=CHUNK)
+    for a in range(0, n, CHUNK):
+        store.write_rows(a, {m: feats[m][a : a + CHUNK] for m in modalities}, feats["index"][a : a + CHUNK])
+    return path
+
+
+@pytest.fixture(scope="module")
+def store_path(fsdd: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("feats") / "feats.zarr", fsdd)
+
+
+def stored(fsdd: dict[str, np.ndarray], modality: str) -> np.ndarray:
+    """What the store holds for a modality, as float32: the input rounded to float16."""
+    return fsdd[modality].astype(np.float16).astype(np.float32)
+
+
+def faiss_reference(x: np.ndarray, k: int, *, niter: int, seed: int, spc: int, spherical: bool = False):
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        max_points_per_centroid=spc,
+        min_points_per_centroid=1,
+        spherical=spherical,
+    )
+    km.train(x[sample_rows(len(x), k * spc, seed)])
+    dist, labels = km.index.search(x, 1)
+    return km, labels[:, 0], dist[:, 0]
+
+
+@pytest.mark.parametrize("spc", [256, 8])  # the whole set fits in the sample / a sample of 96 rows
+def test_labels_identical_to_in_memory_faiss_kmeans(store_path: Path, fsdd: dict, spc: int) -> None:
+    result = cluster_store(store_path, k=12, view="video", niter=15, seed=4, sample_per_centroid=spc)
+    x = stored(fsdd, "video")
+    km, labels, dist = faiss_reference(x, 12, niter=15, seed=4, spc=spc)
+    np.testing.assert_array_equal(result.labels, labels)
+    assert result.labels.dtype == np.int32
+    np.testing.assert_array_equal(result.centroids, km.centroids)
+    np.testing.assert_allclose(result.distances, dist, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(result.index, fsdd["index"])
+    assert result.stats["sample_size"] == min(360, 12 * spc)
+    assert result.stats["objective"] == pytest.approx(float(dist.astype(np.float64).sum()), rel=1e-5)
+    np.testing.assert_array_equal(result.stats["sizes"], np.bincount(labels, minlength=12))
+
+
+def test_streaming_assignment_equals_assigning_everything_at_once(store_path: Path, fsdd: dict) -> None:
+    x = stored(fsdd, "video")
+    centroids = x[[3, 50, 101, 170, 220, 300, 355]].copy()
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(centroids)
+    dist_all, labels_all = index.search(x, 1)
+    weights = np.linspace(0.5, 2.0, len(x))
+    ref_sums = np.zeros(centroids.shape)
+    np.add.at(ref_sums, labels_all[:, 0], x.astype(np.float64) * weights[:, None])
+
+    store = open_store(store_path)
+    for block_rows, prefetch in ((CHUNK, True), (3 * CHUNK, False), (None, True)):  # None: one block
+        assign = ChunkAssign(StoreRows(store, "video"), block_rows=block_rows, prefetch=prefetch)
+        dist, labels = assign.perform_search(centroids)
+        np.testing.assert_array_equal(labels, labels_all[:, 0])
+        np.testing.assert_allclose(dist, dist_all[:, 0], rtol=1e-5, atol=1e-3)
+        labels2, _, sums = assign.assign_to(centroids, weights)
+        np.testing.assert_array_equal(labels2, labels_all[:, 0])
+        assert sums.dtype == np.float64
+        np.testing.assert_allclose(sums, ref_sums, rtol=1e-12)
+        rows = np.array([359, 0, 33, 33, 200, 31])  # any order, repeats, across chunks
+        np.testing.assert_array_equal(assign.get_subset(rows), x[rows])
+
+
+def test_faiss_contrib_kmeans_runs_over_the_store(store_path: Path, fsdd: dict) -> None:
+    x = stored(fsdd, "audio")
+    ours = contrib_kmeans(
+        6, ChunkAssign(StoreRows(open_store(store_path), "audio")), niter=4, seed=7, verbose=False
+    )
+    ref = contrib_kmeans(6, DatasetAssign(x), niter=4, seed=7, verbose=False)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cdc_view_equals_the_explicit_concatenation(store_path: Path, fsdd: dict) -> None:
+    explicit = np.hstack([l2_normalize(stored(fsdd, "video")), l2_normalize(stored(fsdd, "audio"))])
+    view = StoreRows(open_store(store_path), "cdc")
+    got = np.empty((360, view.dim), dtype=np.float32)
+    view.read_into(0, 360, got)
+    np.testing.assert_allclose(got, explicit, rtol=1e-6, atol=1e-7)
+    assert not any("cdc" in p.name for p in store_path.iterdir())  # never materialised
+
+    on_store = cluster_store(store_path, k=8, view="cdc", niter=10, seed=1)
+    in_memory = cluster_array(explicit, k=8, niter=10, seed=1)
+    np.testing.assert_array_equal(on_store.labels, in_memory.labels)
+    np.testing.assert_allclose(on_store.centroids, in_memory.centroids, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_on_real_speaker_labels(store_path: Path, fsdd: dict) -> None:
+    truth = fsdd["speaker"]
+    result = cluster_store(store_path, k=12, view="audio", niter=20, seed=0)
+    metrics = cluster_metrics(truth, result.labels)
+    assert metrics["nmi"] == pytest.approx(normalized_mutual_info_score(truth, result.labels))
+    assert metrics["ari"] == pytest.approx(adjusted_rand_score(truth, result.labels))
+    majority = sum(
+        Counter(truth[result.labels == c].tolist()).most_common(1)[0][1] for c in np.unique(result.labels)
+    )
+    assert metrics["purity"] == pytest.approx(majority / len(truth))
+    assert metrics["labelled"] == 360
+    # MFCC statistics separate speakers: far above the same clusters scored against shuffled labels
+    shuffled = np.random.default_rng(0).permutation(truth)
+    assert metrics["nmi"] > 0.4 > cluster_metrics(shuffled, result.labels)["nmi"] + 0.3
+
+    ranked = rank_clusters(truth, result.labels)
+    assert [r.rank for r in ranked] == list(range(1, len(ranked) + 1))
+    assert all(a.purity >= b.purity for a, b in itertools.pairwise(ranked))
+    assert sum(r.size for r in ranked) == 360
+    for r in ranked:
+        members = truth[result.labels == r.cluster]
+        assert r.classes[0] == (Counter(members.tolist()).most_common(1)[0][0], pytest.approx(r.purity))
+        assert len(r.classes) <= 5
+
+
+def test_purity_and_table_on_a_hand_computed_case() -> None:
+    truth = np.array([0, 0, 1, 1, 1, 2, 2, -1, 3])
+    clusters = np.array([0, 0, 0, 1, 1, 1, 2, 2, -1])  # the last two rows: unknown class, dropped row
+    # cluster 0 -> classes {0: 2, 1: 1}, cluster 1 -> {1: 2, 2: 1}, cluster 2 -> {2: 1}: (2 + 2 + 1) / 7
+    assert purity(truth, clusters) == pytest.approx(5 / 7)
+    rows = rank_clusters(truth, clusters)
+    assert [(r.rank, r.cluster, r.size) for r in rows] == [(1, 2, 1), (2, 0, 3), (3, 1, 3)]
+    assert rows[1].classes == ((0, pytest.approx(2 / 3)), (1, pytest.approx(1 / 3)))
+    text = format_table(rows, class_names=["zero", "one", "two"])
+    assert text.splitlines()[2].split() == ["2", "0", "3", "0.67", "zero(0.67),", "one(0.33)"]
+    assert len(top_bottom(list(range(30)), 10)) == 20 and top_bottom([1, 2], 10) == [1, 2]
+
+
+def test_refine_passes_lower_the_objective(store_path: Path) -> None:
+    base = cluster_store(store_path, k=12, view="video", niter=2, seed=0, sample_per_centroid=4)
+    refined = cluster_store(store_path, k=12, view="video", niter=2, seed=0, sample_per_centroid=4, refine=3)
+    passes = [p["objective"] for p in refined.stats["refine"]]
+    assert passes[0] == pytest.approx(
+        base.stats["objective"], rel=1e-6
+    )  # pass 1 scores the trained centroids
+    assert refined.stats["objective"] <= passes[-1] <= passes[0]
+    assert refined.stats["objective"] < base.stats["objective"]
+
+
+def test_empty_clusters_are_split_and_reported(fsdd: dict) -> None:
+    x = np.repeat(
+        fsdd["audio"][:30], 12, axis=0
+    )  # 30 distinct rows, each 12 times: k=40 must leave some empty
+    result = cluster_array(x, k=40, niter=5, seed=0, refine=1)
+    sizes = np.asarray(result.stats["sizes"])
+    assert result.stats["empty_clusters"] == np.flatnonzero(sizes == 0).tolist() != []
+    assert result.stats["splits"] > 0 and result.stats["refine"][0]["splits"] > 0
+    assert sizes.sum() == len(x) and result.stats["imbalance"] > 1
+
+
+def test_spherical_and_pca_whitening(fsdd: dict) -> None:
+    x = fsdd["video"]
+    unit = l2_normalize(x.copy())
+    result = cluster_array(x, k=10, niter=10, seed=2, spherical=True)
+    _, labels, _ = faiss_reference(unit, 10, niter=10, seed=2, spc=256, spherical=True)
+    np.testing.assert_array_equal(result.labels, labels)
+    np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1, rtol=1e-5)
+    expected = ((unit - result.centroids[result.labels]) ** 2).sum(1)
+    np.testing.assert_allclose(result.distances, expected, atol=1e-5)
+
+    result = cluster_array(x, k=10, niter=10, seed=2, pca=16)
+    pca = faiss.PCAMatrix(80, 16, -0.5)
+    pca.train(x)
+    whitened = l2_normalize(pca.apply(x))
+    np.testing.assert_allclose(result.transform.apply(x.copy()), whitened, rtol=1e-4, atol=1e-5)
+    assert result.centroids.shape == (10, 16)
+    _, labels, _ = faiss_reference(whitened, 10, niter=10, seed=2, spc=256)
+    assert normalized_mutual_info_score(labels, result.labels) > 0.95  # same clustering up to float rounding
+
+
+def test_progress_and_save_load_roundtrip(store_path: Path, tmp_path: Path) -> None:
+    calls: list[tuple[str, int, int]] = []
+    result = cluster_store(store_path, k=5, view="audio", pca=8, progress=lambda *a: calls.append(a))
+    stages = [c[0] for c in calls]
+    assert stages[0] == "sample" and "train" in stages and stages[-1] == "assign"
+    assert calls[-1] == ("assign", 360, 360)
+
+    out = save_result(result, tmp_path / "out", extra_files={"note.txt": b"hi"})
+    back = load_result(out)
+    np.testing.assert_array_equal(back.labels, result.labels)
+    np.testing.assert_array_equal(back.index, result.index)
+    np.testing.assert_array_equal(back.transform.matrix, result.transform.matrix)
+    assert back.stats == json.loads(json.dumps(result.stats)) and (out / "note.txt").read_bytes() == b"hi"
+
+    with pytest.raises(FileNotFoundError):  # a failure while writing leaves nothing behind
+        save_result(result, tmp_path / "out2", extra_files={"missing/dir.txt": b""})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_nonfinite_rows_fail_or_are_dropped(fsdd: dict, tmp_path: Path) -> None:
+    feats = {**fsdd, "video": fsdd["video"].copy()}
+    outside = np.setdiff1d(np.arange(360), sample_rows(360, 4 * 2, 0))  # rows a sample of 8 leaves out
+    bad = [int(outside[5]), int(outside[200]), int(outside[201])]
+    feats["video"][bad[0], 3] = np.nan
+    feats["video"][bad[1:], 0] = 1e6  # overflows float16: inf on disk
+    path = make_store(tmp_path / "bad.zarr", feats)
+    message = rf"3 of 360 rows are not finite \(NaN/inf; first rows: {bad[0]}, {bad[1]}, {bad[2]}\)"
+    with pytest.raises(DataError, match=message):  # found while sampling (every row is in the sample)
+        cluster_store(path, k=4)
+    with pytest.raises(DataError, match=message):  # found by the assignment pass
+        cluster_store(path, k=4, sample_per_centroid=2)
+
+    result = cluster_store(path, k=4, drop_nonfinite=True)
+    assert result.labels[bad].tolist() == [-1, -1, -1] and np.isnan(result.distances[bad]).all()
+    assert (np.delete(result.labels, bad) >= 0).all()
+    assert result.stats["dropped_rows"] == 3 and result.stats["dropped_first"] == bad
+    assert sum(result.stats["sizes"]) == 357
+
+
+def test_bad_inputs_fail_cleanly(store_path: Path, fsdd: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="k=361 is greater than the 360 rows"):
+        cluster_store(store_path, k=361)
+    with pytest.raises(ConfigError, match="view must be one of"):
+        cluster_store(store_path, k=2, view="both")
+    with pytest.raises(ConfigError, match=r"--pca must be in \[1, 40\]"):
+        cluster_store(store_path, k=2, view="audio", pca=41)
+    with pytest.raises(DataError, match="no feature store here"):
+        cluster_store(tmp_path / "none.zarr", k=2)
+    video_only = make_store(tmp_path / "v.zarr", fsdd, modalities=("video",))
+    with pytest.raises(DataError, match="view 'cdc' needs 'audio' features"):
+        cluster_store(video_only, k=2, view="cdc")
+    partial = create_store(tmp_path / "p.zarr", 360, {"video": 80}, chunk_rows=CHUNK)
+    partial.write_rows(0, {"video": fsdd["video"][:CHUNK]}, fsdd["index"][:CHUNK])
+    with pytest.raises(DataError, match="328 of 360 rows are not written"):
+        cluster_store(tmp_path / "p.zarr", k=2)
+    with pytest.raises(DataError, match="non-empty"):
+        cluster_array(np.zeros((0, 4), np.float32), k=1)
+    if faiss.get_num_gpus() == 0:  # faiss-cpu: asking for a GPU is an error, "auto" falls back to the CPU
+        with pytest.raises(ConfigError, match=r"0 GPU\(s\) visible to faiss"):
+            cluster_store(store_path, k=2, gpu=True)
+
+
+def write_shards(folder: Path, fsdd: dict) -> None:
+    """A shard set with only info.npy members: two tars, some videos split into two segments."""
+    folder.mkdir(parents=True)
+    videos = fsdd["index"]
+    for part, chunk in enumerate(np.array_split(np.arange(len(videos)), 2)):
+        with tarfile.open(folder / f"train-{part:06d}-00.tar", "w") as tar:
+            for row in chunk:
+                for seg in range(1 + row % 2):
+                    info = encode_info(
+                        video=int(videos[row]),
+                        segment=seg,
+                        num_segments=1 + row % 2,
+                        start_frame=64 * seg,
+                        num_frames=64,
+                        video_frames=128,
+                        fps_num=25,
+                        fps_den=1,
+                        label=int(fsdd["speaker"][row]),
+                        has_audio=1,
+                        mel_frames=228,
+                    )
+                    member = tarfile.TarInfo(f"{make_key(int(videos[row]), 'clip', seg)}.info.npy")
+                    member.size = len(info)
+                    tar.addfile(member, io.BytesIO(info))
+
+
+def test_cli_clusters_and_reports(store_path: Path, fsdd: dict, tmp_path: Path) -> None:
+    np.save(tmp_path / "speakers.npy", fsdd["speaker"])
+    out = tmp_path / "clusters"
+    args = [str(store_path), "--k", "12", "--view", "audio", "--seed", "3", "--no-gpu"]
+    res = CliRunner().invoke(cluster, [*args, "--labels", str(tmp_path / "speakers.npy"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "centroids.npy",
+        "clusters.txt",
+        "distances.npy",
+        "index.npy",
+        "labels.npy",
+        "report.json",
+        "sizes.png",
+        "stats.json",
+    ]
+    expected = cluster_store(store_path, k=12, view="audio", seed=3, gpu=False)
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), expected.labels)
+    report = json.loads((out / "report.json").read_text())
+    assert report["nmi"] == pytest.approx(cluster_metrics(fsdd["speaker"], expected.labels)["nmi"])
+    assert f"NMI {report['nmi']:.4f}" in res.output and str(out) in res.output
+    assert (out / "sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "stats.json").read_text())["sizes"] == expected.sizes.tolist()
+
+    write_shards(tmp_path / "shards" / "train", fsdd)
+    (tmp_path / "shards" / "dataset.json").write_text(json.dumps({"classes": SPEAKERS}))
+    out2 = tmp_path / "clusters2"
+    res = CliRunner().invoke(cluster, [*args, "--shards", str(tmp_path / "shards"), "-o", str(out2)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out2 / "report.json").read_text()) == report
+    top = report["clusters"][0]
+    name, fraction = SPEAKERS[top["classes"][0][0]], top["classes"][0][1]
+    assert f"{name}({fraction:.2f})" in (out2 / "clusters.txt").read_text().splitlines()[1]
+    assert "(" in (out / "clusters.txt").read_text() and "george(" not in (out / "clusters.txt").read_text()
+
+
+def test_cli_bad_inputs_exit_nonzero_and_write_nothing(store_path: Path, fsdd: dict, tmp_path: Path) -> None:
+    feats = {**fsdd, "audio": fsdd["audio"].copy()}
+    feats["audio"][7] = np.inf
+    bad = make_store(tmp_path / "bad.zarr", feats)
+    runner = CliRunner()
+
+    res = runner.invoke(cluster, [str(bad), "--k", "4", "--view", "audio", "-o", str(tmp_path / "o1")])
+    assert res.exit_code == DataError.exit_code
+    assert "1 of 360 rows are not finite" in res.output and "first rows: 7" in res.output
+    res = runner.invoke(
+        cluster, [str(bad), "--k", "4", "--view", "cdc", "--drop-nonfinite", "-o", str(tmp_path / "o1")]
+    )
+    assert res.exit_code == 0 and "dropped 1 non-finite rows" in res.output
+    assert np.load(tmp_path / "o1" / "labels.npy")[7] == -1
+
+    res = runner.invoke(cluster, [str(store_path), "--k", "400", "-o", str(tmp_path / "o2")])
+    assert res.exit_code == ConfigError.exit_code and "k=400 is greater than the 360 rows" in res.output
+    res = runner.invoke(cluster, [str(tmp_path / "nope.zarr"), "--k", "4", "-o", str(tmp_path / "o2")])
+    assert res.exit_code == DataError.exit_code
+    np.save(tmp_path / "short.npy", np.zeros(10, dtype=np.int64))
+    res = runner.invoke(
+        cluster,
+        [str(store_path), "--k", "4", "--labels", str(tmp_path / "short.npy"), "-o", str(tmp_path / "o2")],
+    )
+    assert res.exit_code == 3 and "expected 360 integer labels" in res.output
+    assert not (tmp_path / "o2").exists()
+
+    before = sorted(p.name for p in (tmp_path / "o1").iterdir())
+    res = runner.invoke(cluster, [str(store_path), "--k", "4", "-o", str(tmp_path / "o1")])
+    assert res.exit_code == 3 and "already exists" in res.output
+    assert sorted(p.name for p in (tmp_path / "o1").iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

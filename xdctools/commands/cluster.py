@@ -1,0 +1,240 @@
+"""`xdctools cluster FEATS.zarr --k 256`: k-means over a feature store, scored against true labels if any."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import numpy as np
+
+from xdctools.errors import DataError, InputError
+from xdctools.shard.format import INFO_EXT, decode_info
+
+
+def shard_set(shards: Path) -> Path:
+    """The folder of one shard set: `shards` itself, or its only set folder."""
+    if any(shards.glob("*.tar")):
+        return shards
+    sets = (
+        sorted(p for p in shards.iterdir() if p.is_dir() and any(p.glob("*.tar"))) if shards.is_dir() else []
+    )
+    if len(sets) > 1:
+        names = ", ".join(p.name for p in sets)
+        raise InputError(f"{shards}: holds several shard sets ({names}); name one, e.g. {sets[0]}")
+    if not sets:
+        raise InputError(f"{shards}: no shard (.tar) files found")
+    return sets[0]
+
+
+def shard_class_names(set_dir: Path) -> list[str] | None:
+    """Class names from the `dataset.json` beside the set folders (docs/shard-format.md), if there is one."""
+    try:
+        classes = json.loads((set_dir.parent / "dataset.json").read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
+
+
+def shard_labels(set_dir: Path) -> dict[int, int]:
+    """video index -> class index, from the `info.npy` member of every sample in one shard set."""
+    labels: dict[int, int] = {}
+    tars = sorted(set_dir.glob("*.tar"))
+    for path in tars:
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if not member.name.endswith("." + INFO_EXT):
+                        continue
+                    info = decode_info(tar.extractfile(member).read())
+                    video, label = info["video"], info["label"]
+                    if labels.setdefault(video, label) != label:
+                        raise DataError(f"{path}: video {video} has labels {labels[video]} and {label}")
+        except (tarfile.TarError, OSError, ValueError, IndexError) as e:
+            raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+    return labels
+
+
+def true_labels(index: np.ndarray, labels_file: Path | None, shards: Path | None) -> np.ndarray | None:
+    """(N,) int64 class of each store row (-1 unknown), from an npy aligned with the rows or from shards."""
+    if labels_file is not None:
+        try:
+            labels = np.load(labels_file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{labels_file}: not a readable .npy file ({e})") from None
+        if labels.shape != index.shape or labels.dtype.kind not in "iu":
+            raise InputError(
+                f"{labels_file}: expected {len(index)} integer labels (one per store row), "
+                f"got {labels.dtype} {labels.shape}"
+            )
+        return labels.astype(np.int64)
+    if shards is not None:
+        by_video = shard_labels(shard_set(shards))
+        videos = np.fromiter(by_video, dtype=np.int64, count=len(by_video))
+        classes = np.fromiter(by_video.values(), dtype=np.int64, count=len(by_video))
+        order = np.argsort(videos)
+        videos, classes = videos[order], classes[order]
+        pos = np.clip(np.searchsorted(videos, index), 0, len(videos) - 1)
+        found = videos[pos] == index
+        if not found.any():
+            raise DataError(f"{shards}: none of the store's sample indices are in these shards")
+        return np.where(found, classes[pos], -1)
+    return None
+
+
+class _Bars:
+    """Progress callback drawing one tqdm bar per stage."""
+
+    def __init__(self) -> None:
+        self.bar, self.stage = None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            unit = "it" if stage == "train" else "row"
+            self.bar = tqdm(total=total, desc=stage, unit=unit, unit_scale=True, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.command("cluster")
+@click.argument("feats", type=click.Path(path_type=Path))
+@click.option("--k", "k", type=click.IntRange(min=1), required=True, help="Number of clusters.")
+@click.option(
+    "--view",
+    type=click.Choice(["video", "audio", "cdc"]),
+    default="video",
+    show_default=True,
+    help="Array to cluster; cdc: [l2n(video), l2n(audio)] built per chunk.",
+)
+@click.option("--niter", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--sample-per-centroid",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="k-means trains on k times this many uniformly sampled rows.",
+)
+@click.option(
+    "--refine",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Full-data Lloyd passes after training, streamed.",
+)
+@click.option("--spherical", is_flag=True, help="l2-normalise rows and centroids.")
+@click.option(
+    "--pca",
+    type=click.IntRange(min=1),
+    default=None,
+    help="PCA-whiten to this many dims, then l2-normalise (DeepCluster).",
+)
+@click.option("--gpu/--no-gpu", default=None, help="faiss on all GPUs [default: when faiss sees one].")
+@click.option(
+    "--drop-nonfinite", is_flag=True, help="Leave NaN/inf rows unassigned (label -1) instead of failing."
+)
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="True labels, .npy of one integer per store row (-1 unknown).",
+)
+@click.option(
+    "--shards",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Shard set folder whose info.npy labels give the true labels.",
+)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def cluster(
+    feats: Path,
+    k: int,
+    view: str,
+    niter: int,
+    seed: int,
+    sample_per_centroid: int,
+    refine: int,
+    spherical: bool,
+    pca: int | None,
+    gpu: bool | None,
+    drop_nonfinite: bool,
+    labels_file: Path | None,
+    shards: Path | None,
+    out: Path,
+    overwrite: bool,
+) -> None:
+    """Cluster the features in FEATS (a store from `xdctools extract`) with k-means; write labels to OUT."""
+    from xdctools.cluster import report
+    from xdctools.cluster.kmeans import cluster_store, save_result
+    from xdctools.features.store import open_store
+
+    if labels_file is not None and shards is not None:
+        raise click.UsageError("give --labels or --shards, not both")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
+    truth = true_labels(open_store(feats).read_index(), labels_file, shards)
+
+    bars = _Bars()
+    try:
+        result = cluster_store(
+            feats,
+            k=k,
+            view=view,
+            niter=niter,
+            seed=seed,
+            sample_per_centroid=sample_per_centroid,
+            refine=refine,
+            spherical=spherical,
+            pca=pca,
+            gpu="auto" if gpu is None else gpu,
+            drop_nonfinite=drop_nonfinite,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    stats = result.stats
+    extra = {"sizes.png": report.size_histogram_png(result.sizes, title=f"{feats.name} {view}")}
+    table = ""
+    if truth is not None:
+        metrics = report.cluster_metrics(truth, result.labels)
+        ranked = report.rank_clusters(truth, result.labels)
+        names = shard_class_names(shard_set(shards)) if shards is not None else None
+        table = report.format_table(report.top_bottom(ranked, 10), class_names=names)
+        extra["report.json"] = (
+            json.dumps({**metrics, "clusters": [asdict(r) for r in ranked]}, indent=1) + "\n"
+        ).encode()
+        extra["clusters.txt"] = (table + "\n").encode()
+    save_result(result, out, extra_files=extra, overwrite=overwrite)
+
+    t = stats["timings"]
+    sizes = np.asarray(stats["sizes"])
+    click.echo(
+        f"clustered {stats['n']} rows of {feats} (view {view}, d={stats['dim']}) into k={k} "
+        f"in {t['total_s']:.1f} s "
+        f"(sample {t['sample_s']:.1f}, train {t['train_s']:.1f}, refine {t['refine_s']:.1f}, "
+        f"assign {t['assign_s']:.1f})"
+    )
+    click.echo(
+        f"objective {stats['objective']:.6g} (mean {stats['mean_distance']:.4g}); sizes min {sizes.min()} / "
+        f"median {int(np.median(sizes))} / max {sizes.max()}, {len(stats['empty_clusters'])} empty, "
+        f"imbalance {stats['imbalance']:.3f}, {stats['splits']} splits"
+    )
+    if stats["dropped_rows"]:
+        click.echo(f"dropped {stats['dropped_rows']} non-finite rows (label -1)")
+    if truth is not None:
+        click.echo(
+            f"NMI {metrics['nmi']:.4f}  ARI {metrics['ari']:.4f}  purity {metrics['purity']:.4f}  "
+            f"({metrics['labelled']} labelled rows)"
+        )
+        click.echo(table)
+    click.echo(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
