@@ -11,7 +11,7 @@ setup:
 
 demo: setup
 	$(BIN)/xdctools synth $(DEMO)/videos
-	$(BIN)/xdctools shard $(DEMO)/videos -o $(DEMO)/shards --workers 2
+	$(BIN)/xdctools shard $(DEMO)/videos -o $(DEMO)/shards --short-side 128 --workers 2
 	$(BIN)/xdctools inspect $(DEMO)/shards --png $(DEMO)/inspect.png
 
 test: setup lint
