@@ -11,6 +11,7 @@ from xdctools import __version__
 # name -> "module:attribute"; modules import heavy dependencies (torch, DALI) only when run.
 COMMANDS: dict[str, str] = {
     "cluster": "xdctools.commands.cluster:cluster",
+    "digits": "xdctools.commands.digits:digits",
     "inspect": "xdctools.commands.inspect:inspect_cmd",
     "shard": "xdctools.commands.shard:shard",
     "synth": "xdctools.commands.synth:synth",
