@@ -1,0 +1,316 @@
+"""Recipes: every shipped recipe validates and matches the paper's Table 10; bad ones name the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from xdctools.errors import ConfigError, InputError
+from xdctools.recipe import RUNTIME_FIELDS, dump_recipe, load_recipe, parse_recipe, recipe_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+# recipes/eval/ holds evaluation recipes of another schema (the finetune issue).
+TRAIN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "eval" not in p.relative_to(RECIPES).parts)
+
+BASE = {
+    "name": "t",
+    "method": "xdc",
+    "data": {"shards": "demo/shards", "crop": 112, "short_side": 128},
+    "clustering": {"k": 6, "iterations": 2},
+    "optim": {"epoch_size": 64, "batch_size": 8, "lr": 0.05, "step_epochs": 2, "total_epochs": 3},
+}
+
+
+def write(tmp_path: Path, doc: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def error_of(tmp_path: Path, doc: dict, overrides: tuple[str, ...] = ()) -> str:
+    path = write(tmp_path, doc)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, overrides)
+    message = info.value.message
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    return message[len(f"{path}: ") :]
+
+
+# --- the shipped recipes ----------------------------------------------------------------------
+
+
+def test_recipes_exist() -> None:
+    names = {p.relative_to(RECIPES).as_posix() for p in TRAIN_RECIPES}
+    expected = {f"pretrain/kinetics-{m}.yaml" for m in ("sdc", "mdc", "cdc", "xdc")} | {
+        "pretrain/audioset-xdc.yaml",
+        "pretrain/audioset240k-xdc.yaml",
+        "pretrain/ig65m-xdc.yaml",
+        "pretrain/kinetics-xdc-32f.yaml",
+        "pretrain/kinetics-superv.yaml",
+        "pretrain/audioset-superv.yaml",
+        "quickstart.yaml",
+        "digits.yaml",
+    }
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: p.relative_to(RECIPES).as_posix())
+def test_every_recipe_loads_and_round_trips(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem  # run folders and digests follow the file name
+    again = parse_recipe(dump_recipe(recipe), source="dump")
+    assert again == recipe
+    assert recipe_digest(again) == recipe_digest(recipe)
+
+
+# (file, es, bs, lr, we, se, te, wd, early stop, k): Table 10 and Table 2 / §4.2 of the paper.
+TABLE_10 = [
+    ("pretrain/kinetics-sdc.yaml", 1_000_000, 32, 0.01, 10, 10, 30, 1e-4, True, 256),
+    ("pretrain/kinetics-mdc.yaml", 1_000_000, 32, 0.01, 10, 10, 30, 1e-4, True, 256),
+    ("pretrain/kinetics-cdc.yaml", 1_000_000, 32, 0.01, 10, 10, 30, 1e-4, True, 256),
+    ("pretrain/kinetics-xdc.yaml", 1_000_000, 32, 0.01, 10, 10, 30, 1e-4, True, 256),
+    ("pretrain/kinetics-xdc-32f.yaml", 1_000_000, 8, 0.0025, 10, 10, 30, 1e-4, True, 256),
+    ("pretrain/audioset-xdc.yaml", 2_000_000, 32, 0.01, 10, 10, 45, 1e-4, True, 256),
+    ("pretrain/audioset240k-xdc.yaml", 2_000_000, 32, 0.01, 10, 10, 45, 1e-4, True, 64),
+    ("pretrain/ig65m-xdc.yaml", 10_000_000, 32, 0.01, 1, 3, 10, 1e-4, False, 2048),
+    ("pretrain/kinetics-superv.yaml", 1_000_000, 32, 0.01, 10, 10, 45, 1e-4, False, None),
+    ("pretrain/audioset-superv.yaml", 2_000_000, 32, 0.04, 10, 20, 45, 1e-5, False, None),
+]
+
+
+@pytest.mark.parametrize(("name", "es", "bs", "lr", "we", "se", "te", "wd", "stop", "k"), TABLE_10)
+def test_pretrain_recipes_match_table_10(name, es, bs, lr, we, se, te, wd, stop, k) -> None:
+    recipe = load_recipe(RECIPES / name)
+    o = recipe.optim
+    assert (o.epoch_size, o.batch_size, o.lr, o.warmup_epochs, o.step_epochs, o.total_epochs) == (
+        es,
+        bs,
+        lr,
+        we,
+        se,
+        te,
+    )
+    assert (o.weight_decay, o.early_stop, o.gamma, o.momentum) == (wd, stop, 0.01, 0.9)
+    assert (recipe.clustering.k if recipe.clustering else None) == k
+    assert (recipe.data.clip_frames, recipe.data.crop, recipe.data.short_side) == (
+        32 if "32f" in name else 8,
+        224,
+        256,
+    )
+
+
+def test_ig65m_last_iteration_is_the_star_row() -> None:
+    recipe = load_recipe(RECIPES / "pretrain/ig65m-xdc.yaml")
+    first, last = recipe.optim_for(0), recipe.optim_for(recipe.iterations - 1)
+    assert (first.warmup_epochs, first.step_epochs, first.total_epochs) == (1, 3, 10)
+    assert (last.warmup_epochs, last.step_epochs, last.total_epochs) == (0, 9, 30)
+    assert (last.epoch_size, last.lr, last.early_stop) == (10_000_000, 0.01, False)
+    with pytest.raises(ValueError, match="not in"):
+        recipe.optim_for(recipe.iterations)
+
+
+def test_sdc_gets_deepcluster_safeguards_and_methods_route_labels() -> None:
+    sdc = load_recipe(RECIPES / "pretrain/kinetics-sdc.yaml")
+    assert sdc.clustering.uniform_sampling and sdc.clustering.reseed_empty
+    xdc = load_recipe(RECIPES / "pretrain/kinetics-xdc.yaml")
+    assert not xdc.clustering.uniform_sampling
+    assert xdc.heads == {"video": {"other": "audio"}, "audio": {"other": "video"}}
+    assert load_recipe(RECIPES / "pretrain/kinetics-mdc.yaml").heads["video"] == {
+        "own": "video",
+        "other": "audio",
+    }
+    assert load_recipe(RECIPES / "pretrain/kinetics-cdc.yaml").views == ("cdc",)
+    superv = load_recipe(RECIPES / "pretrain/kinetics-superv.yaml")
+    assert superv.clustering is None and superv.iterations == 1 and superv.views == ()
+
+
+def test_cpu_recipes_are_cpu_sized() -> None:
+    quick = load_recipe(RECIPES / "quickstart.yaml")
+    assert quick.data.device == "cpu" and quick.data.shards == "demo/shards"
+    assert quick.model.width == 0.25 and quick.data.crop == 112 and quick.data.short_side == 128
+    assert 6 <= quick.clustering.k <= 8 and quick.clustering.iterations == 2
+    assert quick.optim.epoch_size * quick.optim.total_epochs * quick.iterations <= 2000  # clips in all
+    digits = load_recipe(RECIPES / "digits.yaml")
+    assert digits.data.shards == "digits/shards" and 10 <= digits.clustering.k <= 32
+
+
+# --- defaults, dump, digest -------------------------------------------------------------------
+
+
+def test_defaults_are_resolved_and_dumped(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, BASE))
+    assert recipe.run.out == "runs/t"
+    assert recipe.data.val_fraction == 0.05 and recipe.data.train_set == "train"
+    assert (recipe.optim.momentum, recipe.optim.gamma, recipe.optim.patience) == (0.9, 0.01, 3)
+    assert recipe.clustering.uniform_sampling is False and recipe.clustering.reseed_empty is True
+    sdc = load_recipe(write(tmp_path, {**BASE, "method": "sdc"}))
+    assert sdc.clustering.uniform_sampling is True
+    dumped = yaml.safe_load(dump_recipe(recipe))
+    assert dumped["run"]["out"] == "runs/t" and dumped["clustering"]["uniform_sampling"] is False
+    with pytest.raises(ValidationError):
+        recipe.optim.lr = 1.0  # frozen
+
+
+def test_digest_follows_what_changes_the_result(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    digest = recipe_digest(load_recipe(path))
+    assert digest == recipe_digest(load_recipe(path))
+    assert len(digest) == 16
+    for runtime in ("run.out=elsewhere", "data.num_threads=7", "run.log_every=3", "name=other"):
+        assert recipe_digest(load_recipe(path, [runtime])) == digest, runtime
+    for change in ("optim.lr=0.02", "clustering.k=7", "seed=1", "data.crop=96"):
+        assert recipe_digest(load_recipe(path, [change])) != digest, change
+    assert {f.split(".")[0] for f in RUNTIME_FIELDS} <= {"name", "data", "model", "run"}
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+
+def test_exponent_floats_are_numbers_not_strings(tmp_path: Path) -> None:
+    text = write(tmp_path, BASE).read_text().replace("lr: 0.05", "lr: 5e-2")
+    assert "lr: 5e-2" in text
+    recipe = parse_recipe(text + "\n", source="x.yaml")
+    assert recipe.optim.lr == 0.05
+
+
+def test_yaml_problems_name_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^x\.yaml: line 2: invalid YAML \(mapping values"):
+        parse_recipe("name: t\nmethod: xdc: sdc\n", source="x.yaml")
+    with pytest.raises(ConfigError, match=r"x\.yaml: line 3: .*duplicate key 'name'"):
+        parse_recipe("name: t\nseed: 1\nname: u\n", source="x.yaml")
+    with pytest.raises(ConfigError, match=r"x\.yaml: must be a mapping of sections, got list"):
+        parse_recipe("- 1\n", source="x.yaml")
+    with pytest.raises(InputError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+# --- validation errors ------------------------------------------------------------------------
+
+
+def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["optim"]["lrr"] = 0.1
+    message = error_of(tmp_path, doc)
+    assert message.startswith("optim.lrr: unknown key (expected one of: epoch_size, batch_size, lr,")
+    doc = copy.deepcopy(BASE)
+    doc["clustering"]["last_iteration"] = {"total_epoch": 30}
+    assert error_of(tmp_path, doc).startswith("clustering.last_iteration.total_epoch: unknown key")
+    assert error_of(tmp_path, {**BASE, "extra": 1}).startswith("extra: unknown key")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("optim", "lr", -1, "optim.lr: must be > 0 (got -1)"),
+        ("optim", "lr", "fast", "optim.lr: must be a number (got 'fast')"),
+        ("optim", "batch_size", 8.0, "optim.batch_size: must be an integer (got 8)"),
+        ("optim", "early_stop", "yes please", "optim.early_stop: must be true or false (got 'yes please')"),
+        ("optim", "momentum", 1.0, "optim.momentum: must be < 1 (got 1)"),
+        ("clustering", "k", 1, "clustering.k: must be >= 2 (got 1)"),
+        ("data", "device", "tpu", "data.device: must be one of 'cpu' or 'gpu' (got 'tpu')"),
+        ("data", "val_fraction", 0.5, "data.val_fraction: must be < 0.5 (got 0.5)"),
+        ("model", "precision", "fp8", "model.precision: must be one of 'fp32', 'bf16' or 'fp16' (got 'fp8')"),
+        ("model", "width", True, "model.width: must be a number (got true)"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, section: str, key: str, value, expected: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc.setdefault(section, {})[key] = value
+    assert error_of(tmp_path, doc) == expected
+
+
+def test_missing_and_malformed_sections(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE)
+    del doc["optim"]["lr"]
+    assert error_of(tmp_path, doc) == "optim.lr: required"
+    assert error_of(tmp_path, {**BASE, "data": 3}) == "data: must be a mapping of fields (got 3)"
+    assert error_of(tmp_path, {**BASE, "method": "dc"}).startswith("method: must be one of 'sdc', 'mdc'")
+    doc = copy.deepcopy(BASE)
+    doc["clustering"]["k"] = 0
+    doc["optim"]["lr"] = 0
+    assert error_of(tmp_path, doc) == "clustering.k: must be >= 2 (got 0) (and 1 more)"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"optim": {"warmup_epochs": 4}}, "optim.warmup_epochs: must be <= total_epochs 3 (got 4)"),
+        ({"optim": {"epoch_size": 4}}, "optim.epoch_size: must hold at least one batch of 8 (got 4)"),
+        ({"optim": {"step_epochs": 0}}, "optim.step_epochs: must be >= 1 (got 0)"),
+        ({"data": {"crop": 160}}, "data.crop: must be <= short_side 128 (got 160)"),
+        ({"method": "superv"}, "clustering: method superv trains on the true labels; remove this section"),
+        (
+            {"data": {"val_fraction": 0.0}, "optim": {"early_stop": True}},
+            "optim.early_stop: needs data.val_fraction > 0 to measure a val loss",
+        ),
+        (
+            {"clustering": {"last_iteration": {"warmup_epochs": 9}}},
+            "clustering.last_iteration.warmup_epochs: must be <= total_epochs 3 (got 9)",
+        ),
+        (
+            {"run": {"eval_set": "test"}},
+            "run.eval_set: is only used by the probe; set run.probe: true or remove it",
+        ),
+    ],
+)
+def test_cross_field_checks(tmp_path: Path, change: dict, expected: str) -> None:
+    doc = copy.deepcopy(BASE)
+    for key, value in change.items():
+        if isinstance(value, dict):
+            doc.setdefault(key, {}).update(value)
+        else:
+            doc[key] = value
+    assert error_of(tmp_path, doc) == expected
+
+
+def test_multimodal_methods_need_clustering(tmp_path: Path) -> None:
+    doc = {k: v for k, v in BASE.items() if k != "clustering"}
+    assert error_of(tmp_path, doc) == "clustering: required for method xdc"
+    superv = load_recipe(write(tmp_path, {**doc, "method": "superv"}))
+    assert superv.iterations == 1 and superv.heads["video"] == {"true": "true"}
+
+
+# --- overrides --------------------------------------------------------------------------------
+
+
+def test_overrides_set_fields_and_revalidate(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    recipe = load_recipe(
+        path,
+        [
+            "optim.lr=1e-3",
+            "clustering.k=512",
+            "seed=3",
+            "clustering.pca=null",
+            "clustering.last_iteration.total_epochs=30",
+            "run.probe=true",
+            "data.shards=/data/kinetics",
+        ],
+    )
+    assert recipe.optim.lr == 0.001 and recipe.clustering.k == 512 and recipe.seed == 3
+    assert recipe.optim_for(1).total_epochs == 30 and recipe.optim_for(0).total_epochs == 3
+    assert recipe.run.probe is True and recipe.data.shards == "/data/kinetics"
+    # the override is validated like the file
+    with pytest.raises(ConfigError, match=r"r.yaml: optim.lr: must be > 0 \(got -0.1\)"):
+        load_recipe(path, ["optim.lr=-0.1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lrr=0.1", "override 'optim.lrr=0.1': unknown field optim.lrr (optim has epoch_size,"),
+        ("optimizer.lr=0.1", "override 'optimizer.lr=0.1': unknown field optimizer.lr (the recipe has name,"),
+        ("clustering.k.x=1", "override 'clustering.k.x=1': clustering.k is not a section"),
+        ("optim.lr", "override 'optim.lr': expected section.key=value"),
+        ("=3", "override '=3': expected section.key=value"),
+        ("optim.lr=[0.1", "override 'optim.lr=[0.1': the value is not valid YAML"),
+    ],
+)
+def test_bad_overrides_fail_naming_them(tmp_path: Path, override: str, expected: str) -> None:
+    assert error_of(tmp_path, BASE, (override,)).startswith(expected)
