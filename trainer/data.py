@@ -331,9 +331,10 @@ def build_pipeline(
         )
         info = fn.decoders.numpy(members[0])
         mel = fn.decoders.numpy(members[1])
-        starts, ids = _clip_starts(info, mode, clip.span, clips)
+        fields = _sample_fields(info)
+        starts, ids = _clip_starts(fields, mode, clip.span, clips)
         # format.clip_mel_start in integers: round((start + span/2) / fps * MEL_FPS)
-        fps_num, fps_den = info[fmt.INFO["fps_num"]], info[fmt.INFO["fps_den"]]
+        fps_num, fps_den = fields["fps_num"], fields["fps_den"]
         mel_starts = _round_half_even((2 * starts + clip.span) * fmt.MEL_FPS * fps_den, 2 * fps_num)
         audio = _audio_windows(mel, mel_starts, clips, clip, spec_augment and train)
         outputs = {
@@ -370,7 +371,27 @@ def _vector(node):
     return fn.reshape(node, shape=[1])
 
 
-def _clip_starts(info, mode: Mode, span: int, num_clips: int):
+def _sample_fields(info) -> dict:
+    """The info fields as DataNodes; an audio-only sample (fps 0, no frames) is timed in mel frames.
+
+    Audio-only samples store fps 0/1 and no frames (`format.audio_only_mel`: column MEL_PAD_FRAMES
+    is time 0). Counting their mel frames as frames at MEL_FPS makes every clip computation below
+    apply unchanged: a clip of `span` frames is then `span` mel frames, centred as for video.
+    """
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    fields = {name: info[i] for name, i in fmt.INFO.items()}
+    audio_only = fn.cast(fields["fps_num"] == 0, dtype=types.INT64)
+    frames = dmath.max(fields["mel_frames"] - 2 * fmt.MEL_PAD_FRAMES, 0) * audio_only
+    fields["num_frames"] = fields["num_frames"] + frames
+    fields["video_frames"] = fields["video_frames"] + frames
+    fields["fps_num"] = fields["fps_num"] + audio_only * fmt.MEL_FPS
+    fields["fps_den"] = fields["fps_den"] + audio_only * (1 - fields["fps_den"])
+    return fields
+
+
+def _clip_starts(fields: dict, mode: Mode, span: int, num_clips: int):
     """(starts, ids): int64 (M,) clip starts within the segment and their clip ids (-1: none).
 
     train: M=1, uniform over the segment; extract: M=1, centred; eval: the clips of the video's
@@ -381,7 +402,7 @@ def _clip_starts(info, mode: Mode, span: int, num_clips: int):
     from nvidia.dali import math as dmath
 
     def field_(name: str):
-        return info[fmt.INFO[name]]
+        return fields[name]
 
     n = field_("num_frames")
     room = dmath.max(n - span, 0)

@@ -12,6 +12,7 @@ from xdctools import __version__
 COMMANDS: dict[str, str] = {
     "cluster": "xdctools.commands.cluster:cluster",
     "digits": "xdctools.commands.digits:digits",
+    "finetune": "xdctools.commands.finetune:finetune",
     "inspect": "xdctools.commands.inspect:inspect_cmd",
     "shard": "xdctools.commands.shard:shard",
     "synth": "xdctools.commands.synth:synth",

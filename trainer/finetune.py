@@ -1,0 +1,899 @@
+"""Downstream transfer (paper §4.1, Tables 4, 11, 12): finetune or fc-only on official splits, 10-clip test.
+
+Protocol, as the paper fixes it and as this module implements it:
+- Encoders: the video R(2+1)D-18 for UCF101/HMDB51, the audio ResNet-18 for ESC-50 (recipe
+  `data.modality`), from a pretrained checkpoint (ours, the official XDC video weights, a torchvision
+  state dict) or random (Scratch). A fresh linear head (`LinearHead`) over the pooled features.
+- Modes (Table 4): `full` trains every parameter; `fc` freezes the encoder and keeps it in eval mode,
+  BatchNorm running statistics included, so only the linear classifier learns.
+- Schedule (Table 11): SGD, momentum 0.9, batch 32, warmup/step/total 2/2/8 epochs, wd 0.005, γ 0.01,
+  an epoch being `epoch_size` clips (106K UCF101, 40K HMDB51, 20K ESC-50). The base lr is either one
+  value or the sweep of Table 12 (full: 0.001..0.01; fc adds 0.02, 0.04); like the paper, the sweep
+  reports the best lr by mean test accuracy over the splits (there is no separate validation set),
+  and every lr's accuracies beside it.
+- Test (§4.1): `num_clips` (10) clips uniformly spaced over each test video, centre crop (video) or the
+  full 40×100 window (audio), one crop per clip. The video's prediction is the mean of its clips'
+  SOFTMAX probabilities (not of their logits: neighbouring projects differ here, and the two can
+  disagree), its class the argmax. Accuracy is per split; the table shows the mean over the splits
+  (UCF101/HMDB51: 3 splits; ESC-50: 5 folds, each tested after training on the 4 others).
+- Audio-only sets (ESC-50): a "clip" is one 2-s mel window; the windows are spread uniformly over the
+  file (each inside it when the file is longer than 2 s) and training draws one at random.
+
+Files under `<run.out>/<dataset>/<method>/<mode>/`:
+  lr<lr>/<split>/checkpoints/it000-ep<e>.pt   after every epoch (resume point; pruned when the split ends)
+  lr<lr>/<split>/metrics.jsonl                epoch and test records (trainer.log)
+  lr<lr>/<split>/predictions.csv              per test video: name, label, prediction, confidence
+  lr<lr>/<split>/result.json                  the split's accuracy: its presence marks the split done
+  sweep.json, recipe.yaml                     every lr and split of this run, the resolved recipe
+and `<run.out>/results.{json,md}`, the table every run merges its rows into (`trainer.results`).
+A rerun skips finished (lr, split) pairs and resumes an unfinished one from its last epoch; all of
+it is refused when the recipe changed what that pair computes (digest mismatch). After a resume the
+order of training clips differs from an uninterrupted run (the loader is reseeded per epoch).
+
+Distributed: under torchrun each rank trains on its share of the clips (DDP reduces gradients) and
+tests on its share of the segments; clip rows are gathered before averaging, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import distributed, sampling
+from trainer.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_bytes_atomic,
+)
+from trainer.data import ClipSpec, Runtime, ShardSet, eval_loader, find_shards, parse_index, train_loader
+from trainer.extract import read_catalog
+from trainer.log import RunLogger
+from trainer.models import (
+    AudioResNet,
+    Classifier,
+    LinearHead,
+    autocast,
+    r2plus1d_18,
+    resnet18_audio,
+    video_model_for,
+)
+from trainer.models.weights import (
+    StateDict,
+    detect_layout,
+    state_dict_diff,
+    unwrap_state_dict,
+)
+from trainer.optim import LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
+from xdctools import recipe as train_recipe
+from xdctools.errors import ConfigError, DataError, InputError
+from xdctools.eval_recipe import DATASETS, EvalRecipe, SplitSets, dump_eval_recipe, eval_digest
+from xdctools.shard import format as fmt
+
+Progress = Callable[[str], None]
+RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "predictions.csv"
+SWEEP_FILE = "sweep.json"
+OFFICIAL_XDC_BN_EPS = 1e-3  # the released weights were converted from Caffe2, which used eps 1e-3
+
+
+# --- splits: which shard sets train and which one tests ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """One train/test split: the shard sets trained on (several for ESC-50 folds) and the test set."""
+
+    name: str  # "split1", "fold3", or an explicit split's name
+    train: tuple[str, ...]
+    test: str
+
+
+def read_dataset(root: str | os.PathLike) -> dict[str, Any]:
+    """The shards' dataset.json (written by `xdctools shard` when a run is complete)."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (shard the dataset with `xdctools shard ... -o {root}` first)")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("sets"), dict):
+        raise DataError(f"{path}: no 'sets' mapping; not a dataset.json of `xdctools shard`")
+    return doc
+
+
+def resolve_splits(recipe: EvalRecipe, doc: Mapping[str, Any], source: str = "dataset.json") -> list[Split]:
+    """The recipe's splits as shard sets; DataError naming the set a split needs and the sets there are.
+
+    `train-test`: split N trains on `splitN-train`, tests on `splitN-test`. `folds`: fold N tests on
+    `foldN` and trains on every other `fold*` set of the shards.
+    """
+    sets = doc["sets"]
+    have = ", ".join(sorted(sets)) or "none"
+    folds = sorted((int(m[1]), name) for name in sets if (m := re.fullmatch(r"fold(\d+)", name)))
+    out = []
+    for entry in recipe.data.splits:
+        if isinstance(entry, SplitSets):
+            split = Split(entry.name, tuple(entry.train), entry.test)
+        elif recipe.data.split_layout == "train-test":
+            split = Split(f"split{entry}", (f"split{entry}-train",), f"split{entry}-test")
+        else:
+            split = Split(f"fold{entry}", tuple(n for k, n in folds if k != entry), f"fold{entry}")
+            if not split.train:
+                raise DataError(f"{source}: fold {entry} leaves no other fold to train on (sets: {have})")
+            official = DATASETS[recipe.dataset].splits if recipe.dataset in DATASETS else ()
+            absent = [f"fold{k}" for k in official if k != entry and f"fold{k}" not in sets]
+            if absent:  # the protocol trains on every other official fold
+                raise DataError(
+                    f"{source}: fold {entry} trains on all other folds, but the shards lack "
+                    f"{', '.join(absent)} (sets: {have})"
+                )
+        for role, name in [("test", split.test)] + [("train", n) for n in split.train]:
+            if name not in sets:
+                hint = " (shard it with --split all)" if recipe.data.split_layout == "train-test" else ""
+                raise DataError(
+                    f"{source}: split {split.name} needs {role} set {name!r}, which the shards lack{hint} "
+                    f"(sets: {have})"
+                )
+            if not sets[name].get("ok", 1):
+                raise DataError(f"{source}: set {name!r} of split {split.name} holds no video")
+        out.append(split)
+    return out
+
+
+def open_sets(root: str | os.PathLike, names: Iterable[str], *, video: bool) -> ShardSet:
+    """The checked tars of several shard sets as one (ESC-50 trains on four folds)."""
+    parts = [find_shards(root, name, video=video) for name in names]
+    if len(parts) == 1:
+        return parts[0]
+    exts = {p.video_ext for p in parts}
+    if len(exts) > 1:
+        raise DataError(f"{root}: sets {list(names)} mix video formats {sorted(map(str, exts))}")
+    return ShardSet(
+        tars=tuple(t for p in parts for t in p.tars),
+        indexes=tuple(i for p in parts for i in p.indexes),
+        keys=tuple(k for p in parts for k in p.keys),
+        sizes=tuple(s for p in parts for s in p.sizes),
+        video_ext=parts[0].video_ext,
+        short_side=parts[0].short_side,
+    )
+
+
+def _members(shards: ShardSet, ext: str, *, first_segment_only: bool = False) -> Iterable[bytes]:
+    """The bytes of one member of every sample (or of each video's segment 0), via the .idx offsets."""
+    for tar, idx in zip(shards.tars, shards.indexes, strict=True):
+        try:
+            entries = parse_index(idx.read_text())
+            with open(tar, "rb") as f:
+                for key, members in entries:
+                    if first_segment_only and not key.endswith("_s000"):
+                        continue
+                    offset, size = members[ext]
+                    f.seek(offset)
+                    yield f.read(size)
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{tar}: cannot read the {ext} members ({type(e).__name__}: {e})") from None
+
+
+def is_audio_only(shards: ShardSet) -> bool:
+    """True when the set's samples carry no video (ESC-50): their info has no frame rate."""
+    members = iter(_members(shards, fmt.INFO_EXT))
+    try:
+        info = fmt.decode_info(next(members))
+    finally:
+        members.close()  # type: ignore[attr-defined]  # a generator: closes the tar
+    return info["fps_num"] == 0
+
+
+def video_names(shards: ShardSet) -> dict[int, str]:
+    """Video index -> source name (the relative path that was sharded), from the json members."""
+    names = {}
+    for data in _members(shards, fmt.META_EXT, first_segment_only=True):
+        try:
+            meta = json.loads(data)
+            names[int(meta["key"][1:9])] = str(meta["source"]["name"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{shards.tars[0].parent}: a json member is malformed ({e})") from None
+    return names
+
+
+def clip_spec(recipe: EvalRecipe, audio_only: bool) -> ClipSpec:
+    """The clip of the recipe; on audio-only sets a clip is exactly one WINDOW_FRAMES mel window."""
+    d = recipe.data
+    if audio_only:
+        if d.modality == "video":
+            raise ConfigError(f"{d.shards}: audio-only shards cannot feed the video encoder (data.modality)")
+        return ClipSpec(length=fmt.WINDOW_FRAMES, stride=1, video=False)
+    return ClipSpec(
+        length=d.clip_frames,
+        stride=d.stride,
+        crop=d.crop,
+        short_side=d.short_side,
+        video=d.modality == "video",
+    )
+
+
+def check_labels(root: str | os.PathLike, set_names: Iterable[str], num_classes: int, *, video: bool) -> int:
+    """Videos in the sets; DataError when a video has no label or one outside the dataset's classes.
+
+    Each set is read on its own: video indices count from 0 in every set.
+    """
+    total = 0
+    for name in set_names:
+        catalog = read_catalog(find_shards(root, name, video=video))
+        unlabelled = int((catalog.labels < 0).sum())
+        if unlabelled:
+            raise DataError(f"{root}: set {name}: {unlabelled} of {catalog.num_videos} videos have no label")
+        if int(catalog.labels.max()) >= num_classes:
+            raise DataError(
+                f"{root}: set {name}: label {int(catalog.labels.max())}, "
+                f"but dataset.json lists {num_classes} classes"
+            )
+        total += catalog.num_videos
+    return total
+
+
+# --- encoders: from a checkpoint or from scratch ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """Where an encoder's weights came from, for the results and the digest."""
+
+    # "scratch", "xdctools" (our training checkpoint), "state dict" (official XDC, torchvision, ...)
+    kind: str
+    path: str | None = None
+    layout: str | None = None  # video layout of the weights
+    bytes: int = 0
+
+
+def read_payload(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True (no code runs); InputError if absent, DataError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean "unreadable"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{path}: cannot read checkpoint ({reason})") from None
+
+
+def encoder_state(payload: Any, modality: str, *, source: str) -> tuple[str, StateDict, dict[str, Any]]:
+    """(kind, state dict of the `modality` encoder, its build config) from a loaded checkpoint.
+
+    Our training checkpoints and `encoders.pt` (`trainer.checkpoint` format: {"format", "digest",
+    "state": {"config", "model"}}, written by trainer.loop) hold both encoders of a `Learner` under
+    `encoders.video.` / `encoders.audio.`; a bare state dict (official XDC, torchvision, or saved by
+    hand) holds one, possibly under "state_dict"/"model" containers and DDP prefixes, or a whole
+    model's keys under `encoders.<modality>.` / `<modality>.`, which are then taken.
+    """
+    kind, config = "state dict", {}
+    if isinstance(payload, Mapping) and "format" in payload and isinstance(payload.get("state"), Mapping):
+        kind = "xdctools"
+        inner = payload["state"]
+        if not isinstance(inner.get("model"), Mapping):
+            keys = ", ".join(sorted(map(str, inner)))
+            raise DataError(
+                f"{source}: training checkpoint without a 'model' state dict (state keys: {keys})"
+            )
+        config = dict(inner.get("config") or {})
+        payload = inner["model"]
+    state = unwrap_state_dict(payload, source=source)
+    for prefix in (f"encoders.{modality}.", f"{modality}."):
+        taken = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if taken:
+            return kind, taken, config
+    if kind == "xdctools":
+        raise DataError(
+            f"{source}: training checkpoint holds no {modality} encoder (no encoders.{modality}.*)"
+        )
+    return kind, state, config
+
+
+def audio_model_for(
+    state: StateDict, *, source: str, maxpool: bool = False, bn_eps: float = 1e-5
+) -> nn.Module:
+    """The audio ResNet-18 matching a state dict (channels read from it), loaded strictly (all but fc)."""
+    keys = ["conv1.weight"] + [f"layer{i}.0.conv1.weight" for i in range(1, 5)]
+    absent = [k for k in keys if k not in state or state[k].ndim != 4]
+    if absent:
+        hint = " (it holds a video encoder)" if "stem.0.weight" in state else ""
+        raise DataError(f"{source}: not an audio ResNet state dict (no 4-D {', '.join(absent)}){hint}")
+    planes = [int(state[k].shape[0]) for k in keys[1:]]
+    model = AudioResNet(planes=planes, maxpool=maxpool, norm_layer=partial(nn.BatchNorm2d, eps=bn_eps))
+    model.width = planes[0] / 64
+    return _load_strict(model, state, source=source, what="audio ResNet-18")
+
+
+def _load_strict(model: nn.Module, state: StateDict, *, source: str, what: str) -> nn.Module:
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    diff = state_dict_diff(state, {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    if diff:
+        raise DataError(f"{source}: checkpoint does not fit the {what}: {diff}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def build_encoder(recipe: EvalRecipe) -> tuple[nn.Module, EncoderSource]:
+    """The encoder of `data.modality`, from `model.checkpoint` or random (Scratch), without any fc."""
+    cfg, modality = recipe.model, recipe.data.modality
+    if cfg.checkpoint is None:
+        eps = cfg.bn_eps or 1e-5
+        if modality == "video":
+            model = r2plus1d_18(width=cfg.width, layout=cfg.video_layout, bn_eps=eps)
+        else:
+            model = resnet18_audio(width=cfg.width, maxpool=cfg.audio_maxpool, bn_eps=eps)
+        return model, EncoderSource("scratch")
+    path = Path(cfg.checkpoint)
+    kind, state, config = encoder_state(read_payload(path), modality, source=str(path))
+    size = path.stat().st_size
+    if modality == "audio":
+        eps = cfg.bn_eps or float(config.get("bn_eps", 1e-5))
+        model = audio_model_for(state, source=str(path), maxpool=cfg.audio_maxpool, bn_eps=eps)
+        return model, EncoderSource(kind, str(path), None, size)
+    if "conv1.weight" in state and "stem.0.weight" not in state:
+        raise DataError(f"{path}: holds an audio encoder (conv1.*), but data.modality is video")
+    layout = detect_layout(state, source=str(path))
+    official = kind == "state dict" and layout == "xdc"  # the released XDC weights: Caffe2's eps
+    eps = cfg.bn_eps or float(config.get("bn_eps", OFFICIAL_XDC_BN_EPS if official else 1e-5))
+    try:
+        model = video_model_for(state, bn_eps=eps)
+    except DataError as e:  # it names the source "state dict": name the file instead
+        raise DataError(f"{path}: {e.message.removeprefix('state dict: ')}") from None
+    model.fc = None  # a torchvision checkpoint's classifier is not transferred
+    return model, EncoderSource(kind, str(path), layout, size)
+
+
+def freeze_encoder(model: Classifier) -> None:
+    """fc-only transfer: no encoder parameter learns (and `set_mode` keeps its BatchNorm in eval)."""
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+
+
+def set_mode(model: Classifier, mode: str, *, training: bool) -> None:
+    """train()/eval() for the mode: with `fc` the encoder stays in eval mode, so BN statistics stay."""
+    model.train(training)
+    if mode == "fc":
+        model.encoder.eval()
+
+
+# --- test time: clip probabilities -> video predictions --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipRows:
+    """One row per test clip: its video index, clip id, true label and softmax probabilities (C,)."""
+
+    index: np.ndarray  # (R,) int64
+    clip: np.ndarray  # (R,) int64
+    label: np.ndarray  # (R,) int64
+    probs: np.ndarray  # (R, C) float32
+
+
+@dataclass(frozen=True)
+class VideoScores:
+    """Per test video: the mean of its clips' softmax, the argmax class, and the accuracy."""
+
+    videos: np.ndarray  # (V,) int64 ascending
+    labels: np.ndarray  # (V,) int64
+    probs: np.ndarray  # (V, C) float32: mean over the video's clips of softmax(logits)
+    predicted: np.ndarray  # (V,) int64
+    accuracy: float
+
+
+@torch.no_grad()
+def clip_probabilities(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    modality: str,
+    device: torch.device,
+    precision: str = "fp32",
+) -> ClipRows:
+    """Softmax over classes of every clip the loader yields (the model in eval mode; caller sets it)."""
+    index, clip, label, probs = [], [], [], []
+    for batch in loader:
+        if batch["index"].numel() == 0:
+            continue
+        with autocast(device, precision):  # type: ignore[arg-type]
+            logits = model(batch[modality].to(device, non_blocking=True))
+        probs.append(F.softmax(logits.float(), dim=1).cpu().numpy())
+        index.append(batch["index"].numpy())
+        clip.append(batch["clip"].numpy())
+        label.append(batch["label"].numpy())
+    if not probs:
+        return ClipRows(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros((0, 0), np.float32))
+    return ClipRows(
+        np.concatenate(index).astype(np.int64),
+        np.concatenate(clip).astype(np.int64),
+        np.concatenate(label).astype(np.int64),
+        np.concatenate(probs).astype(np.float32),
+    )
+
+
+def gather_clip_rows(rows: ClipRows, num_classes: int) -> ClipRows:
+    """Every rank's clip rows on every rank (a video's segments may sit on two ranks)."""
+    probs = rows.probs if rows.probs.size else np.zeros((0, num_classes), np.float32)
+    ints = (
+        np.stack([rows.index, rows.clip, rows.label], axis=1)
+        if len(rows.index)
+        else np.zeros((0, 3), np.int64)
+    )
+    ints = distributed.all_gather_rows(ints.astype(np.int64))
+    probs = distributed.all_gather_rows(probs.astype(np.float32))
+    return ClipRows(ints[:, 0], ints[:, 1], ints[:, 2], probs)
+
+
+def video_scores(rows: ClipRows, num_clips: int, *, source: str = "test set") -> VideoScores:
+    """Average clip softmax per video; DataError when a video does not have exactly `num_clips` clips."""
+    if len(rows.index) == 0:
+        raise DataError(f"{source}: the test loader yielded no clips")
+    order = np.lexsort((rows.clip, rows.index))
+    index, clip = rows.index[order], rows.clip[order]
+    videos, counts = np.unique(index, return_counts=True)
+    if not (counts == num_clips).all():
+        bad = int(videos[np.flatnonzero(counts != num_clips)[0]])
+        raise DataError(
+            f"{source}: video {bad} yielded {int(counts[videos == bad][0])} clips, not {num_clips}"
+        )
+    expected = np.tile(np.arange(num_clips), len(videos))
+    if not np.array_equal(clip, expected):
+        raise DataError(f"{source}: clip ids of a video are not 0..{num_clips - 1} exactly once")
+    _, probs = sampling.mean_per_video(rows.probs, rows.index)
+    labels = rows.label[order][::num_clips]
+    if not np.array_equal(np.repeat(labels, num_clips), rows.label[order]):
+        raise DataError(f"{source}: the clips of a video carry different labels")
+    predicted = probs.argmax(axis=1).astype(np.int64)
+    return VideoScores(videos, labels, probs, predicted, float((predicted == labels).mean()))
+
+
+# --- one (lr, split): train, test, record ------------------------------------------------------
+
+
+@dataclass
+class SplitResult:
+    """A finished (lr, split): what result.json holds."""
+
+    split: str
+    lr: float
+    accuracy: float  # 0..1, over the test videos
+    videos: int
+    correct: int
+    epochs: int
+    train_loss: float | None
+    seconds: float
+    digest: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def lr_dirname(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def slug(text: str) -> str:
+    """A folder name for a method label ("XDC IG65M" -> "xdc-ig65m")."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-") or "method"
+
+
+def run_dir(recipe: EvalRecipe) -> Path:
+    """`<run.out>/<dataset>/<method>/<mode>`: everything one run writes besides the merged table."""
+    return Path(recipe.run.out) / recipe.dataset / slug(recipe.model.row) / recipe.mode
+
+
+@dataclass
+class _Context:
+    """What every (lr, split) of a run shares."""
+
+    recipe: EvalRecipe
+    dist: distributed.Dist
+    classes: list[str]
+    source: EncoderSource
+    progress: Progress
+
+
+def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
+    """Train a fresh head (and the encoder with mode full) on the split's train sets, test, record.
+
+    Skips a pair whose result.json exists (same digest) and resumes from its last epoch checkpoint.
+    """
+    recipe, dist = ctx.recipe, ctx.dist
+    folder = run_dir(recipe) / lr_dirname(lr) / split.name
+    digest = eval_digest(
+        recipe,
+        {
+            "lr": lr,
+            "split": split.name,
+            "train": split.train,
+            "test": split.test,
+            "checkpoint": ctx.source.path,
+            "checkpoint_bytes": ctx.source.bytes,
+        },
+    )
+    done = _finished(folder, digest)
+    if done is not None:
+        ctx.progress(f"{split.name} lr {lr:g}: done before ({100 * done.accuracy:.1f}%), skipped")
+        return done
+    started = time.time()
+    root = recipe.data.shards
+    train_shards = open_sets(root, split.train, video=recipe.data.modality == "video")
+    test_shards = open_sets(root, [split.test], video=recipe.data.modality == "video")
+    audio_only = is_audio_only(train_shards)
+    if is_audio_only(test_shards) != audio_only:
+        raise DataError(f"{root}: sets {split.train} and {split.test} differ in having video")
+    video = recipe.data.modality == "video"
+    check_labels(root, split.train, len(ctx.classes), video=video)
+    test_videos = check_labels(root, [split.test], len(ctx.classes), video=video)
+    spec = clip_spec(recipe, audio_only)
+
+    # model: encoder from the checkpoint (or random), a fresh linear head; SGD on what may learn
+    torch.manual_seed(recipe.seed)
+    encoder, _ = build_encoder(recipe)
+    model = make_classifier(encoder, len(ctx.classes), recipe.mode).to(dist.device)
+    optimizer, scheduler = make_optimizer(model, recipe, lr, dist.world_size)
+    o = recipe.optim
+
+    # resume from the last finished epoch of this (lr, split), if any
+    start_epoch, logger_state = 0, None
+    last = latest_checkpoint(folder)
+    if last is not None:
+        state = load_checkpoint(last, digest=digest)
+        model.head.load_state_dict(state["head"])
+        if "encoder" in state:
+            model.encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_epoch, logger_state = int(state["epoch"]), state["logger"]
+        ctx.progress(f"{split.name} lr {lr:g}: resuming after epoch {start_epoch}")
+    trained = _ddp(model, dist)
+    logger = RunLogger(folder, enabled=dist.is_main, resume=logger_state, tensorboard=False)
+    try:
+        train_loss = None
+        for epoch in range(start_epoch, o.total_epochs):
+            run = _runtime(recipe, dist, seed=recipe.seed + 1009 * epoch)
+            loader = train_loader(
+                train_shards,
+                batch_size=o.batch_size,
+                epoch_size=o.epoch_size,
+                clip=spec,
+                run=run,
+                spec_augment=recipe.data.spec_augment and recipe.data.modality == "audio",
+            )
+            train_loss, train_acc, seconds = train_epoch(
+                model,
+                loader,
+                optimizer,
+                scheduler,
+                mode=recipe.mode,
+                modality=recipe.data.modality,
+                precision=recipe.model.precision,
+                step=trained,
+            )
+            del loader
+            logger.log(
+                "epoch",
+                scheduler.steps,
+                epoch=epoch + 1,
+                lr=scheduler.lr,
+                train_loss=train_loss,
+                train_acc=train_acc,
+                seconds=seconds,
+            )
+            ctx.progress(
+                f"{split.name} lr {lr:g}: epoch {epoch + 1}/{o.total_epochs} loss {train_loss:.4f} "
+                f"acc {100 * train_acc:.1f}% ({seconds:.0f} s)"
+            )
+            if dist.is_main:
+                state = {
+                    "epoch": epoch + 1,
+                    "head": model.head.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "logger": logger.state_dict(),
+                }
+                if recipe.mode == "full":
+                    state["encoder"] = model.encoder.state_dict()
+                save_checkpoint(checkpoint_path(folder, 0, epoch + 1), state, digest=digest)
+            distributed.barrier()
+
+        # test: every clip of every test video, softmax averaged per video
+        set_mode(model, recipe.mode, training=False)
+        test = eval_loader(
+            test_shards,
+            batch_size=recipe.test.batch_size,
+            num_clips=recipe.test.num_clips,
+            clip=spec,
+            run=_runtime(recipe, dist, seed=recipe.seed),
+        )
+        rows = clip_probabilities(
+            model, test, modality=recipe.data.modality, device=dist.device, precision=recipe.model.precision
+        )
+        del test
+        rows = gather_clip_rows(rows, len(ctx.classes))
+        scores = video_scores(rows, recipe.test.num_clips, source=f"{root} set {split.test}")
+        if len(scores.videos) != test_videos:
+            raise DataError(
+                f"{root}: set {split.test} has {test_videos} videos, the test saw {len(scores.videos)}"
+            )
+        result = SplitResult(
+            split=split.name,
+            lr=float(lr),
+            accuracy=scores.accuracy,
+            videos=len(scores.videos),
+            correct=int((scores.predicted == scores.labels).sum()),
+            epochs=o.total_epochs,
+            train_loss=train_loss,
+            seconds=round(time.time() - started, 1),
+            digest=digest,
+            extra={
+                "train_sets": list(split.train),
+                "test_set": split.test,
+                "num_clips": recipe.test.num_clips,
+            },
+        )
+        logger.log("test", scheduler.steps, split=split.name, accuracy=scores.accuracy, videos=result.videos)
+    finally:
+        logger.close()
+    if dist.is_main:
+        names = video_names(test_shards)
+        write_bytes_atomic(folder / PREDICTIONS_FILE, _predictions_csv(scores, names, ctx.classes))
+        write_bytes_atomic(folder / RESULT_FILE, (json.dumps(result.to_json(), indent=1) + "\n").encode())
+        prune_checkpoints(folder, keep_last=recipe.run.keep_checkpoints)
+        if recipe.run.keep_checkpoints == 0:
+            for _, _, path in list_checkpoints(folder):
+                path.unlink(missing_ok=True)
+    distributed.barrier()
+    ctx.progress(
+        f"{split.name} lr {lr:g}: test accuracy {100 * result.accuracy:.2f}% ({result.videos} videos)"
+    )
+    return result
+
+
+def _finished(folder: Path, digest: str) -> SplitResult | None:
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        result = SplitResult(**doc)
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); remove it to redo this split") from None
+    if result.digest != digest:
+        raise DataError(
+            f"{path}: written by another recipe or checkpoint (digest {result.digest}, now {digest}); "
+            "use another run.out or remove the folder"
+        )
+    return result
+
+
+def _runtime(recipe: EvalRecipe, dist: distributed.Dist, *, seed: int) -> Runtime:
+    return Runtime(
+        device=recipe.data.device,
+        device_id=dist.local_rank,
+        num_threads=recipe.data.num_threads,
+        prefetch_queue_depth=recipe.data.prefetch,
+        seed=seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+
+
+def _ddp(model: nn.Module, dist: distributed.Dist) -> nn.Module:
+    """The module the training step calls: DDP over ranks, the model itself in one process."""
+    if not dist.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def make_classifier(encoder: nn.Module, num_classes: int, mode: str) -> Classifier:
+    """The encoder and a fresh linear head over its pooled features; with mode fc the encoder is frozen."""
+    model = Classifier(encoder, LinearHead(encoder.feature_dim, num_classes))
+    if mode == "fc":
+        freeze_encoder(model)
+    return model
+
+
+def make_optimizer(
+    model: nn.Module, recipe: EvalRecipe, lr: float, world_size: int = 1
+) -> tuple[torch.optim.SGD, LrScheduler]:
+    """SGD over the parameters that learn (the head only with mode fc) and Table 11's schedule at `lr`."""
+    o = recipe.optim
+    if o.epoch_size is None:
+        raise ConfigError("optim.epoch_size: required to finetune")
+    cfg = train_recipe.Optim(
+        epoch_size=o.epoch_size,
+        batch_size=o.batch_size,
+        lr=float(lr),
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        warmup_epochs=o.warmup_epochs,
+        step_epochs=o.step_epochs,
+        total_epochs=o.total_epochs,
+        gamma=o.gamma,
+    )
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    steps = steps_per_epoch(o.epoch_size, o.batch_size, world_size)
+    return optimizer, LrScheduler(optimizer, LrSchedule.from_config(cfg), steps)
+
+
+def train_epoch(
+    model: Classifier,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: LrScheduler,
+    *,
+    mode: str,
+    modality: str,
+    precision: str = "fp32",
+    step: nn.Module | None = None,
+) -> tuple[float, float, float]:
+    """One epoch of cross-entropy on the true labels; (mean loss, accuracy, seconds) over all ranks.
+
+    `step` is the module called (the DDP wrapper of `model` under torchrun; `model` itself by default).
+    With mode fc the encoder runs in eval mode: BatchNorm uses and keeps its running statistics.
+    """
+    started = time.time()
+    device = next(model.head.parameters()).device
+    step = model if step is None else step
+    set_mode(model, mode, training=True)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, clips
+    for batch in loader:
+        x = batch[modality].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        with autocast(device, precision):  # type: ignore[arg-type]
+            logits = step(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            correct = (logits.argmax(1) == y).sum()
+            sums += torch.stack(
+                [
+                    loss.detach().double() * len(y),
+                    correct.double(),
+                    torch.tensor(len(y), device=device).double(),
+                ]
+            )
+    loss_sum, correct, clips = distributed.all_reduce_sum(sums.cpu().numpy())
+    if not math.isfinite(loss_sum):
+        raise DataError(f"training diverged (loss {loss_sum / max(clips, 1)}); try a smaller lr")
+    return loss_sum / max(clips, 1.0), correct / max(clips, 1.0), time.time() - started
+
+
+def _predictions_csv(scores: VideoScores, names: Mapping[int, str], classes: list[str]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["video", "name", "label", "predicted", "confidence", "correct"])
+    for v, label, pred, probs in zip(
+        scores.videos, scores.labels, scores.predicted, scores.probs, strict=True
+    ):
+        writer.writerow(
+            [
+                int(v),
+                names.get(int(v), ""),
+                classes[label],
+                classes[pred],
+                f"{probs[pred]:.4f}",
+                int(label == pred),
+            ]
+        )
+    return buf.getvalue().encode()
+
+
+# --- the run: every lr of the sweep on every split, then the table -----------------------------------
+
+
+def run_finetune(recipe: EvalRecipe, progress: Progress | None = None) -> dict[str, Any]:
+    """Finetune (mode full) or train fc-only (mode fc) for every lr and split; merge the results table.
+
+    Returns the sweep summary (see `summarise_sweep`); rank 0 also writes sweep.json, recipe.yaml
+    and the merged results table under `run.out`.
+    """
+    from trainer import results
+
+    if recipe.mode not in ("full", "fc"):
+        raise ConfigError(f"mode {recipe.mode!r}: run_finetune trains (full or fc); use trainer.svm for svm")
+    progress = progress or (lambda _msg: None)
+    dist = distributed.init(recipe.data.device)
+    doc = read_dataset(recipe.data.shards)
+    classes = list(doc.get("classes") or [])
+    if len(classes) < 2:
+        raise DataError(
+            f"{recipe.data.shards}/dataset.json: lists {len(classes)} classes; finetuning needs labels"
+        )
+    splits = resolve_splits(recipe, doc, f"{recipe.data.shards}/dataset.json")
+    _, source = build_encoder(recipe)  # fails early on a checkpoint that does not fit
+    out = run_dir(recipe)
+    if dist.is_main:
+        write_bytes_atomic(out / "recipe.yaml", dump_eval_recipe(recipe).encode())
+    ctx = _Context(recipe, dist, classes, source, progress)
+    done = [finetune_split(ctx, split, lr) for lr in recipe.lrs for split in splits]
+    summary = summarise_sweep(recipe, source, done, [s.name for s in splits])
+    if dist.is_main:
+        write_bytes_atomic(out / SWEEP_FILE, (json.dumps(summary, indent=1) + "\n").encode())
+        summary["table"] = [str(p) for p in results.merge_entry(recipe.run.out, summary)]
+    distributed.barrier()
+    return summary
+
+
+def summarise_sweep(
+    recipe: EvalRecipe, source: EncoderSource, done: list[SplitResult], split_names: list[str]
+) -> dict[str, Any]:
+    """Per lr: accuracy per split and their mean; the best lr (highest mean; the smaller lr on a tie)."""
+    by_lr: dict[float, dict[str, float]] = {}
+    for r in done:
+        by_lr.setdefault(r.lr, {})[r.split] = r.accuracy
+    sweep = [
+        {
+            "lr": lr,
+            "mean": float(np.mean([accs[s] for s in split_names])),
+            "splits": {s: accs[s] for s in split_names},
+        }
+        for lr, accs in sorted(by_lr.items())
+    ]
+    best = max(sweep, key=lambda row: (row["mean"], -row["lr"]))
+    return entry_record(recipe, source, best["mean"], best["splits"], best_lr=best["lr"], sweep=sweep)
+
+
+def entry_record(
+    recipe: EvalRecipe,
+    source: EncoderSource,
+    accuracy: float,
+    splits: Mapping[str, float],
+    **details: Any,
+) -> dict[str, Any]:
+    """One row cell of the results table, with what produced it (see `trainer.results`)."""
+    info = DATASETS.get(recipe.dataset)
+    return {
+        "method": recipe.model.row,
+        "pretraining": recipe.model.pretraining or ("None" if source.kind == "scratch" else "-"),
+        "dataset": recipe.dataset,
+        "title": recipe.title,
+        "column": recipe.column,
+        "accuracy": float(accuracy),
+        "std": float(np.std(list(splits.values()))) if len(splits) > 1 else 0.0,
+        "splits": dict(splits),
+        "all_splits": info is None or set(splits) >= {_split_name(recipe, s) for s in info.splits},
+        "checkpoint": source.path,
+        "checkpoint_kind": source.kind,
+        "modality": recipe.data.modality,
+        "recipe": recipe.name,
+        "run": str(run_dir(recipe)),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **details,
+    }
+
+
+def _split_name(recipe: EvalRecipe, number: int) -> str:
+    return f"split{number}" if recipe.data.split_layout == "train-test" else f"fold{number}"
