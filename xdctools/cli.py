@@ -12,8 +12,10 @@ from xdctools import __version__
 COMMANDS: dict[str, str] = {
     "cluster": "xdctools.commands.cluster:cluster",
     "digits": "xdctools.commands.digits:digits",
+    "filters": "xdctools.commands.filters:filters",
     "finetune": "xdctools.commands.finetune:finetune",
     "inspect": "xdctools.commands.inspect:inspect_cmd",
+    "montage": "xdctools.commands.montage:montage",
     "shard": "xdctools.commands.shard:shard",
     "synth": "xdctools.commands.synth:synth",
 }
