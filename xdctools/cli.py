@@ -12,12 +12,14 @@ from xdctools import __version__
 COMMANDS: dict[str, str] = {
     "cluster": "xdctools.commands.cluster:cluster",
     "digits": "xdctools.commands.digits:digits",
+    "extract": "xdctools.commands.extract:extract",
     "filters": "xdctools.commands.filters:filters",
     "finetune": "xdctools.commands.finetune:finetune",
     "inspect": "xdctools.commands.inspect:inspect_cmd",
     "montage": "xdctools.commands.montage:montage",
     "shard": "xdctools.commands.shard:shard",
     "synth": "xdctools.commands.synth:synth",
+    "train": "xdctools.commands.train:train",
 }
 
 

@@ -1,0 +1,342 @@
+"""The deep-clustering loop (trainer.loop, trainer.step) and `xdctools train`, end to end on tiny shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from trainer import loop
+from trainer.checkpoint import list_checkpoints, load_checkpoint, unpack_array
+from trainer.step import LabelTables, balanced_weights, head_losses, summarise
+from xdctools.commands.train import train
+from xdctools.errors import ConfigError, DataError
+from xdctools.recipe import METHODS, load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_shards(factory: pytest.TempPathFactory, *, labelled: bool = True) -> Path:
+    """3 classes x 3 synthetic 3 s videos (2 segments each) at short side 64, made once per session.
+
+    labelled=False shards the same videos as a flat folder: no class labels.
+    """
+    from xdctools.shard.params import ShardParams
+    from xdctools.shard.plan import build_plan
+    from xdctools.shard.run import run_shard
+    from xdctools.synth import SynthParams, synthesize
+
+    root = factory.getbasetemp() / "xdc-tiny"
+    if not (root / "shards" / "dataset.json").is_file():
+        synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
+        run_shard(
+            build_plan(root / "videos"), ShardParams(short_side=64), root / "shards", shard_size=3, workers=2
+        )
+    if labelled:
+        return root / "shards"
+    flat = root / "flat"
+    if not (root / "unlabelled" / "dataset.json").is_file():
+        flat.mkdir(exist_ok=True)
+        for video in sorted((root / "videos").glob("*/*.mp4"))[:2]:
+            (flat / video.name).write_bytes(video.read_bytes())
+        run_shard(
+            build_plan(flat, kind="folder"), ShardParams(short_side=64), root / "unlabelled", shard_size=2
+        )
+    return root / "unlabelled"
+
+
+def tiny_recipe(shards: Path, out: Path, **sections) -> dict:
+    """A recipe sized for seconds on a CPU: width 0.125 encoders, 4x64x64 clips, 2 steps of 4 clips."""
+    doc = {
+        "name": "tiny",
+        "method": "xdc",
+        "seed": 0,
+        "data": {
+            "shards": str(shards),
+            "val_fraction": 0.2,
+            "clip_frames": 4,
+            "crop": 64,
+            "short_side": 64,
+            "num_threads": 1,
+        },
+        "model": {"width": 0.125},
+        "clustering": {"k": 3, "iterations": 2, "niter": 10},
+        "optim": {
+            "epoch_size": 8,
+            "batch_size": 4,
+            "lr": 0.05,
+            "warmup_epochs": 0,
+            "step_epochs": 1,
+            "total_epochs": 1,
+        },
+        "run": {"out": str(out), "log_every": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(doc.get(section), dict):
+            doc[section].update(values)
+        else:
+            doc[section] = values
+    return doc
+
+
+def write_recipe(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_shards(tmp_path_factory)
+
+
+# --- pure parts -------------------------------------------------------------------------------------
+
+
+def test_each_method_routes_its_labels() -> None:
+    views = {name: np.full(4, i, dtype=np.int32) for i, name in enumerate(["video", "audio", "cdc", "true"])}
+    routed = {}
+    for method in METHODS:
+        doc = tiny_recipe(Path("s"), Path("o"), method=method)
+        if method == "superv":
+            doc.pop("clustering")
+        recipe = parse_recipe(yaml.safe_dump(doc))
+        routed[method] = {
+            key: int(labels[0]) for key, labels in loop.route_labels(recipe.heads, views).items()
+        }
+    video, audio, cdc, true = 0, 1, 2, 3
+    assert routed["xdc"] == {("video", "other"): audio, ("audio", "other"): video}
+    assert routed["sdc"] == {("video", "own"): video, ("audio", "own"): audio}
+    assert routed["mdc"] == {
+        ("video", "own"): video,
+        ("video", "other"): audio,
+        ("audio", "own"): audio,
+        ("audio", "other"): video,
+    }
+    assert routed["cdc"] == {("video", "own"): cdc, ("audio", "own"): cdc}
+    assert routed["superv"] == {("video", "true"): true, ("audio", "true"): true}
+    with pytest.raises(ConfigError, match="no labels for view"):
+        loop.route_labels({"video": {"other": "audio"}}, {"video": views["video"]})
+
+
+def test_held_out_videos_are_a_seeded_fraction() -> None:
+    a = loop.held_out_videos(100, 0.05, seed=1)
+    assert a.sum() == 5 and np.array_equal(a, loop.held_out_videos(100, 0.05, seed=1))
+    assert not np.array_equal(a, loop.held_out_videos(100, 0.05, seed=2))
+    assert loop.held_out_videos(9, 0.01, seed=0).sum() == 1  # at least one when asked for
+    assert loop.held_out_videos(9, 0.0, seed=0).sum() == 0
+
+
+def test_uniform_sampling_weights_every_cluster_equally() -> None:
+    labels = np.array([0] * 8 + [1] * 2 + [2] * 1 + [-1])
+    held = np.zeros(12, dtype=bool)
+    w = balanced_weights(labels, held)
+    per_cluster = [w[labels == c].sum() for c in range(3)]
+    np.testing.assert_allclose(per_cluster, per_cluster[0])
+    assert w[labels == -1].sum() == 0
+    held[0] = True  # held-out videos are not counted in the sizes
+    w = balanced_weights(labels, held)
+    np.testing.assert_allclose(w[1], w[2]) and np.testing.assert_allclose(w[1] * 7, w[8] * 2)
+
+
+def test_held_out_rows_give_the_val_loss_and_no_gradient() -> None:
+    tables = LabelTables(
+        videos=np.array([10, 20, 30]),
+        labels={("video", "other"): np.array([0, 1, -1])},
+        held_out=np.array([False, True, False]),
+    )
+    targets = tables.batch(torch.tensor([10, 20, 30, 10]), torch.device("cpu"))[("video", "other")]
+    assert targets["train"].tolist() == [1, 0, 0, 1] and targets["val"].tolist() == [0, 1, 0, 0]
+    logits = torch.randn(4, 2, requires_grad=True)
+    loss, stats = head_losses(logits, targets)
+    loss.backward()
+    assert logits.grad[1:3].abs().sum() == 0 and logits.grad[[0, 3]].abs().sum() > 0
+    ce = torch.nn.functional.cross_entropy(logits.detach(), targets["labels"], reduction="none")
+    assert torch.isclose(loss, ce[[0, 3]].mean())
+    assert stats[2:4].tolist() == pytest.approx([ce[1].item(), 1.0])
+    out = summarise(stats.reshape(1, 5).numpy(), [("video", "other")])
+    assert out["val_loss"] == pytest.approx(ce[1].item()) and out["train_loss"] == pytest.approx(loss.item())
+    with pytest.raises(DataError, match="have no labels"):
+        tables.batch(torch.tensor([40]), torch.device("cpu"))
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+
+def test_xdc_iterations_end_to_end_with_heads_reset(shards: Path, tmp_path: Path) -> None:
+    recipe = parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "run", run={"probe": True})))
+    stages = []
+    result = loop.run(recipe, progress=lambda stage, done, total, **_: stages.append(stage))
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "report.md", "recipe.yaml", "encoders.pt", "result.json", "losses.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    assert [r["iteration"] for r in result.iterations] == [0, 1, 2]  # 2 = the final encoders
+    assert {"nmi_video", "nmi_audio", "probe_video", "probe_audio"} <= set(result.iterations[0])
+    assert {"it000 extract train", "it000 epoch 1/1", "it001 epoch 1/1", "final extract train"} <= set(stages)
+
+    found = {(it, ep): path for it, ep, path in list_checkpoints(run)}
+    trained, reset = (load_checkpoint(found[key]) for key in [(0, 1), (1, 0)])
+    heads = [k for k in trained["model"] if k.startswith("heads.")]
+    encoder = [k for k in trained["model"] if k.startswith("encoders.")]
+    assert heads == [f"heads.{m}.heads.other.{p}" for m in ("video", "audio") for p in ("weight", "bias")]
+    for key in heads:  # re-initialised: N(0, 0.01) weights, zero bias, unlike the trained head
+        assert not torch.equal(trained["model"][key], reset["model"][key])
+        if key.endswith("bias"):
+            assert reset["model"][key].abs().sum() == 0
+        else:
+            assert 0.003 < reset["model"][key].std() < 0.03
+    for key in encoder:  # the encoders carry over
+        assert torch.equal(trained["model"][key], reset["model"][key])
+
+    # XDC: each encoder learns the other modality's clusters (the labels k-means wrote)
+    labels = {v: unpack_array(reset["labels"][v]) for v in ("video", "audio")}
+    for view in ("video", "audio"):
+        assert np.array_equal(labels[view], np.load(run / "clusters" / f"it001-{view}" / "labels.npy"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert {"train_loss_video_other", "val_loss_audio_other"} <= set(epochs[0])
+    # a second call finds the run complete and does nothing
+    again = loop.run(recipe)
+    assert again.resumed_complete and again.iterations == result.iterations
+
+
+DRIVER = """
+import sys, torch
+torch.use_deterministic_algorithms(True)
+torch.set_num_threads(1)
+from xdctools.commands.train import train
+train(sys.argv[1:], standalone_mode=True)
+"""
+
+
+def _train(recipe: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(recipe), "--quiet", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, path: Path, timeout: float = 240.0) -> None:
+    """SIGKILL the run as soon as `path` exists (or fail if it ends first)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {path.name} appeared:\n{proc.stdout.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _final_state(run: Path) -> dict:
+    return load_checkpoint(list_checkpoints(run)[-1][2])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_state(shards: Path, tmp_path: Path) -> None:
+    changes = {"optim": {"total_epochs": 2, "epoch_size": 8}, "run": {"log_every": 1}}
+    straight = write_recipe(tmp_path / "a.yaml", tiny_recipe(shards, tmp_path / "a", **changes))
+    broken = write_recipe(tmp_path / "b.yaml", tiny_recipe(shards, tmp_path / "b", **changes))
+    reference = _train(straight)  # alongside the interrupted one: the result must not depend on timing
+    # killed mid-training (epoch 2 of iteration 0), then mid-extraction of iteration 1
+    _kill_when(_train(broken), tmp_path / "b" / "checkpoints" / "it000-ep001.pt")
+    _kill_when(_train(broken), tmp_path / "b" / "features" / "it001.zarr")
+    proc = _train(broken)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert "Report:" in out
+    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()[-3000:]
+
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    assert (a["iteration"], a["epoch"], a["step"]) == (b["iteration"], b["epoch"], b["step"]) == (1, 2, 8)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for view in a["labels"]:
+        assert torch.equal(a["labels"][view], b["labels"][view])
+    for group_a, group_b in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(group_a["momentum_buffer"], group_b["momentum_buffer"])
+
+    def records(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [
+            {k: v for k, v in json.loads(x).items() if k not in ("time", "clips_per_s", "seconds")}
+            for x in lines
+        ]
+
+    assert records("a") == records("b")
+
+
+@pytest.mark.parametrize("method", ["sdc", "mdc", "cdc"])
+def test_every_clustering_method_trains(shards: Path, tmp_path: Path, method: str) -> None:
+    changes = {
+        "method": method,
+        "clustering": {"k": 3, "iterations": 1, "niter": 5},
+        "optim": {"epoch_size": 4},
+    }
+    recipe = parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "run", **changes)))
+    result = loop.run(recipe)
+    views = {"sdc": ["video", "audio"], "mdc": ["video", "audio"], "cdc": ["cdc"]}[method]
+    assert sorted(k[4:] for k in result.iterations[0] if k.startswith("nmi_")) == sorted(views)
+    state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][2])
+    heads = {k.split(".")[3] for k in state["model"] if k.startswith("heads.video.")}
+    assert heads == ({"own", "other"} if method == "mdc" else {"own"})
+    assert recipe.clustering.uniform_sampling == (method == "sdc")  # DeepCluster's safeguard for SDC
+
+
+def test_superv_trains_on_true_labels_and_refuses_unlabelled_shards(
+    shards: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    doc = tiny_recipe(shards, tmp_path / "sup", method="superv")
+    doc.pop("clustering")
+    result = loop.run(parse_recipe(yaml.safe_dump(doc)))
+    assert [r["iteration"] for r in result.iterations] == [0]
+    state = load_checkpoint(list_checkpoints(tmp_path / "sup")[-1][2])
+    assert unpack_array(state["labels"]["true"]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert state["model"]["heads.video.heads.true.weight"].shape[0] == 3  # dataset.json's classes
+
+    doc["data"]["shards"] = str(tiny_shards(tmp_path_factory, labelled=False))
+    with pytest.raises(DataError, match="carries no class labels; method superv"):
+        loop.run(parse_recipe(yaml.safe_dump(doc)))
+
+
+def test_bad_recipes_fail_naming_the_field(shards: Path, tmp_path: Path) -> None:
+    good = tiny_recipe(shards, tmp_path / "run")
+    cases = [
+        ({"optim": {"lr": -1}}, "optim.lr: must be > 0"),
+        ({"clustering": {"k": 1}}, "clustering.k: must be >= 2"),
+        ({"data": {"crop": 128}}, "data.crop: must be <= short_side"),
+        ({"model": {"depth": 3}}, "model.depth: unknown key"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        path = write_recipe(tmp_path / f"bad{i}.yaml", tiny_recipe(shards, tmp_path / "run", **change))
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(path)
+        result = CliRunner().invoke(train, [str(path)])
+        assert result.exit_code == 4 and message in result.output
+    # checked against the shards when the run opens: frames are never upscaled
+    path = write_recipe(
+        tmp_path / "big.yaml", tiny_recipe(shards, tmp_path / "run", data={"short_side": 128})
+    )
+    result = CliRunner().invoke(train, [str(path), "--quiet"])
+    assert result.exit_code == 4 and "data.short_side: 128 is larger than the 64 pixels" in result.output
+    result = CliRunner().invoke(
+        train, [str(write_recipe(tmp_path / "ok.yaml", good)), "--set", "optim.lr=-1"]
+    )
+    assert result.exit_code == 4 and "optim.lr" in result.output

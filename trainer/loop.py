@@ -1,0 +1,722 @@
+"""The deep-clustering loop (paper §3): per iteration extract -> cluster -> relabel -> reset heads -> train.
+
+`run(recipe)` is the whole method; every rank of a torchrun job calls it. The helpers below it each do
+one step; what a checkpoint holds is `State` (iteration, epoch, labels, optimizer, schedule, early
+stopping, RNG, metric lines), so a run killed anywhere restarts from its last checkpoint and reaches
+the state an uninterrupted run reaches: every random choice is seeded by (seed, iteration, epoch).
+
+Choices the paper leaves open, made here:
+- Each iteration trains with a fresh SGD state and its own lr schedule (warmup, step decay) from
+  epoch 0, as Table 10 gives one schedule per iteration; the encoders carry over, the heads are reset.
+- Held-out videos (data.val_fraction, seeded, by video) stay in the batches but out of the loss; the
+  same forward's loss on them is the validation loss that early stopping watches (trainer.step).
+- SDC's uniform sampling over clusters is a per-sample loss weight 1/cluster size (trainer.step);
+  empty clusters are re-seeded by faiss, which splits a large cluster into every empty one.
+- After the last iteration the final encoders' features are extracted and clustered once more (and
+  probed), so the report shows what the run ends with, next to iteration 0's random encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer import distributed
+from trainer.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    pack_array,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unpack_array,
+    write_bytes_atomic,
+)
+from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, train_loader
+from trainer.extract import Catalog, extract_features, read_catalog
+from trainer.log import RECIPE_FILE, RunLogger, hardware_info, read_metrics, write_report
+from trainer.models import MultiHead, prepare_for_speed, r2plus1d_18, resnet18_audio
+from trainer.optim import EarlyStopper, LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
+from trainer.step import HeadKey, LabelTables, Learner, balanced_weights, make_scaler, summarise, train_step
+from xdctools.errors import ConfigError, DataError
+from xdctools.features.store import FeatureStore
+from xdctools.recipe import Recipe, dump_recipe, recipe_digest
+
+Progress = Callable[..., None]  # progress(stage, done, total, **info); done/total in clips or rows
+RESULT_FILE = "result.json"
+ENCODERS_FILE = "encoders.pt"
+OUTPUTS = ("checkpoints", "features", "clusters", "tensorboard", "metrics.jsonl", RESULT_FILE, ENCODERS_FILE)
+PROBE_ROWS = 50_000  # at most this many videos fit / score a probe
+
+
+def run(recipe: Recipe, *, resume: bool = True, progress: Progress | None = None) -> RunResult:
+    """Train `recipe` from scratch or from its newest checkpoint; returns what came out (on every rank)."""
+    s = open_session(recipe, resume=resume, progress=progress)
+    if s.done is not None:
+        return s.done
+    state = s.state
+    for it in range(state.iteration, recipe.iterations):
+        if state.labels is None:
+            # Features of every training video from the current encoders (-> Zarr, one row per video)
+            store = extract(s, f"it{it:03d}", it) if needs_features(recipe) else None
+            # k-means of each view the method needs, on rank 0; labels broadcast (superv: true labels)
+            state.labels = make_labels(s, store, it)
+            # A linear probe of these features on the true labels (iteration 0: random encoders)
+            probe(s, store, it)
+            # Reset the classification heads (cluster ids are a new permutation) and the optimizer
+            start_iteration(s, state, it)
+            save(s, state)
+        # Pseudo-labels by method: XDC's video head learns the audio clusters, its audio head the video's
+        tables = label_tables(s, route_labels(recipe.heads, state.labels))
+        # Train until the held-out val loss rose `patience` epochs running, or the epoch budget is spent
+        while not state.finished:
+            train_epoch(s, state, tables)
+            save(s, state)
+        end_iteration(s, state)
+    # The final encoders: features, clusters and probe once more; then the report
+    store = extract(s, "final", recipe.iterations) if needs_features(recipe) else None
+    make_labels(s, store, recipe.iterations, final=True)
+    probe(s, store, recipe.iterations)
+    return finish(s, state)
+
+
+# --- the session: everything fixed for a run ----------------------------------------------------
+
+
+@dataclass
+class State:
+    """What a checkpoint restores. `epoch` counts finished epochs of `iteration`; `labels` are per view."""
+
+    iteration: int = 0
+    epoch: int = 0
+    finished: bool = False
+    step: int = 0
+    seconds: float = 0.0
+    labels: dict[str, np.ndarray] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: LrScheduler | None = None
+    stopper: EarlyStopper | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+
+@dataclass
+class Session:
+    recipe: Recipe
+    dist: distributed.Dist
+    run_dir: Path
+    shards: ShardSet
+    catalog: Catalog
+    held_out: np.ndarray  # (N,) bool over catalog.videos
+    clip: ClipSpec
+    learner: Learner
+    model: nn.Module  # the learner, maybe wrapped in DDP / torch.compile
+    logger: RunLogger
+    progress: Progress | None
+    state: State = field(default_factory=State)
+    eval_set: tuple[ShardSet, Catalog] | None = None
+    eval_stores: dict[str, FeatureStore] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    done: RunResult | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def digest(self) -> str:
+        return recipe_digest(self.recipe)
+
+    def runtime(self, seed: int) -> Runtime:
+        d = self.recipe.data
+        return Runtime(
+            device=d.device,
+            device_id=self.dist.local_rank,
+            num_threads=d.num_threads,
+            prefetch_queue_depth=d.prefetch,
+            seed=seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+
+    def tick(self, stage: str, done: int, total: int, **info: Any) -> None:
+        if self.progress is not None and self.dist.is_main:
+            self.progress(stage, done, total, **info)
+
+
+def open_session(recipe: Recipe, *, resume: bool, progress: Progress | None) -> Session:
+    """Join the process group, read the shards' catalog, build the models, resume or start the run folder."""
+    if recipe.model.precision != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"model.precision: {recipe.model.precision} needs a GPU here; use fp32 on the CPU")
+    dist = distributed.init("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(recipe.run.out)
+    shards = find_shards(recipe.data.shards, recipe.data.train_set)
+    check_clip(recipe, shards)
+    catalog = read_catalog(shards)
+    if recipe.method == "superv" and not catalog.has_labels:
+        raise DataError(
+            f"{recipe.data.shards}: set {recipe.data.train_set!r} carries no class labels; method superv "
+            "trains on them (shard a labelled layout, or use a clustering method)"
+        )
+    held = held_out_videos(catalog.num_videos, recipe.data.val_fraction, recipe.seed)
+    learner = build_learner(recipe, catalog, shards)
+    learner.to(dist.device)
+    eval_set = None
+    if recipe.run.probe and recipe.run.eval_set is not None:
+        eval_shards = find_shards(recipe.data.shards, recipe.run.eval_set)
+        eval_set = (eval_shards, read_catalog(eval_shards))
+
+    if dist.is_main:
+        if not resume:
+            clear_outputs(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(run_dir / RECIPE_FILE, dump_recipe(recipe).encode())
+    distributed.barrier()
+    done = finished_result(run_dir, recipe) if resume else None
+    path = distributed.broadcast_object(str(latest_checkpoint(run_dir) or "") if dist.is_main else None)
+    saved = load_checkpoint(path, digest=recipe_digest(recipe)) if resume and path and done is None else None
+    if saved is not None and saved.get("world_size", dist.world_size) != dist.world_size:
+        raise DataError(
+            f"{path}: written by {saved['world_size']} processes; resume with the same number "
+            f"(now {dist.world_size}), or start over with --no-resume"
+        )
+    logger = RunLogger(
+        run_dir, enabled=dist.is_main and done is None, resume=saved["logger"] if saved else None
+    )
+    model = wrap_for_training(learner, recipe, dist)
+    clip = ClipSpec(
+        length=recipe.data.clip_frames,
+        stride=recipe.data.stride,
+        crop=recipe.data.crop,
+        short_side=None if recipe.data.short_side == shards.short_side else recipe.data.short_side,
+    )
+    s = Session(recipe, dist, run_dir, shards, catalog, held, clip, learner, model, logger, progress)
+    s.eval_set, s.done = eval_set, done
+    if saved is not None:
+        restore(s, saved)
+    return s
+
+
+def check_clip(recipe: Recipe, shards: ShardSet) -> None:
+    """Frames are never upscaled: the recipe's short side must not exceed what the shards store."""
+    want, stored = recipe.data.short_side, shards.short_side
+    if want is not None and stored is not None and want > stored:
+        raise ConfigError(
+            f"data.short_side: {want} is larger than the {stored} pixels the shards store "
+            f"({recipe.data.shards}); set it to {stored} or null"
+        )
+
+
+def held_out_videos(n: int, fraction: float, seed: int) -> np.ndarray:
+    """(n,) bool: a seeded `fraction` of the videos (at least one when > 0, never all) held out."""
+    mask = np.zeros(n, dtype=bool)
+    if fraction <= 0 or n < 2:
+        return mask
+    count = min(n - 1, max(1, round(fraction * n)))
+    mask[np.random.default_rng([seed, 0x7A1]).permutation(n)[:count]] = True
+    return mask
+
+
+def num_classes(recipe: Recipe, catalog: Catalog, shards: ShardSet) -> int:
+    """k of the heads: clustering.k; for superv the classes in dataset.json (else the largest label + 1)."""
+    if recipe.clustering is not None:
+        return recipe.clustering.k
+    meta = Path(recipe.data.shards) / "dataset.json"
+    try:
+        classes = json.loads(meta.read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        classes = None
+    largest = int(catalog.labels.max()) + 1
+    return max(len(classes), largest) if isinstance(classes, list) else largest
+
+
+def build_learner(recipe: Recipe, catalog: Catalog, shards: ShardSet) -> Learner:
+    """Both encoders (seeded: every rank builds the same weights) and one head per label source."""
+    torch.manual_seed(recipe.seed)
+    m = recipe.model
+    encoders = {
+        "video": r2plus1d_18(width=m.width, layout=m.video_layout),
+        "audio": resnet18_audio(width=m.width),
+    }
+    k = num_classes(recipe, catalog, shards)
+    heads = {
+        enc: MultiHead(encoders[enc].feature_dim, {head: k for head in recipe.heads[enc]}) for enc in encoders
+    }
+    return Learner(encoders, heads)
+
+
+def wrap_for_training(learner: Learner, recipe: Recipe, dist: distributed.Dist) -> nn.Module:
+    """channels_last (GPU only), DDP across ranks, torch.compile: what the training forward runs through."""
+    gpu = dist.device.type == "cuda"
+    for encoder in learner.encoders.values():
+        prepare_for_speed(encoder, channels_last=recipe.model.channels_last and gpu)
+    model: nn.Module = learner
+    if dist.distributed:
+        model = nn.parallel.DistributedDataParallel(learner, device_ids=[dist.local_rank] if gpu else None)
+    if recipe.model.compile:
+        model = torch.compile(model)
+    return model
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """--no-resume: remove what an earlier run wrote in this folder (and only that)."""
+    for name in (*OUTPUTS, "report.md", "losses.png", "cluster_sizes.png", "nmi.png", "probe.png"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# --- the steps of an iteration ----------------------------------------------------------------------
+
+
+def needs_features(recipe: Recipe) -> bool:
+    return recipe.method != "superv" or recipe.run.probe
+
+
+def extract(s: Session, name: str, iteration: int) -> FeatureStore:
+    """The store of the current encoders' features of every training video: run_dir/features/<name>.zarr."""
+    encoders = dict(s.learner.encoders)
+    optim = s.recipe.optim_for(min(iteration, s.recipe.iterations - 1))
+    stores = {}
+    sets = [(s.recipe.data.train_set, s.shards, s.catalog)]
+    if s.eval_set is not None:
+        sets.append((s.recipe.run.eval_set, *s.eval_set))
+    for set_name, shards, catalog in sets:
+        suffix = "" if set_name == s.recipe.data.train_set else f"-{set_name}"
+        stores[set_name] = extract_features(
+            encoders,
+            shards,
+            s.run_dir / "features" / f"{name}{suffix}.zarr",
+            batch_size=optim.batch_size,
+            clip=s.clip,
+            run=s.runtime(seed=s.recipe.seed),
+            catalog=catalog,
+            device=s.device,
+            precision=s.recipe.model.precision,
+            channels_last=s.recipe.model.channels_last and s.device.type == "cuda",
+            attrs={"iteration": iteration, "set": set_name, "recipe": s.digest},
+            overwrite=True,
+            progress=s.tick,
+            stage=f"{name} extract {set_name}",
+        )
+    s.eval_stores = stores  # the probe reads the eval set's store from here
+    return stores[s.recipe.data.train_set]
+
+
+def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final: bool = False) -> dict:
+    """view -> (N,) int32 labels on every rank: k-means on rank 0, broadcast; superv: the true labels."""
+    recipe = s.recipe
+    if recipe.clustering is None:
+        return {"true": s.catalog.labels.astype(np.int32)}
+    from xdctools.cluster import cluster_store, save_result
+    from xdctools.cluster.report import cluster_metrics
+
+    c = recipe.clustering
+    labels = {}
+    for view in recipe.views:
+        result = None
+        if s.dist.is_main:
+            result = cluster_store(
+                store.path,
+                k=c.k,
+                view=view,
+                niter=c.niter,
+                seed=recipe.seed + iteration,
+                sample_per_centroid=c.sample_per_centroid,
+                refine=c.refine,
+                spherical=c.spherical,
+                pca=c.pca,
+                progress=lambda stage, done, total, v=view: s.tick(f"k-means {v} {stage}", done, total),
+            )
+            stats = result.stats
+            scores = cluster_metrics(s.catalog.labels, result.labels) if s.catalog.has_labels else {}
+            s.logger.log(
+                "cluster",
+                s.state.step,
+                iteration=iteration,
+                view=view,
+                k=c.k,
+                sizes=stats["sizes"],
+                empty=len(stats["empty_clusters"]),
+                splits=stats["splits"],
+                imbalance=stats["imbalance"],
+                objective=stats["objective"],
+                final=final,
+                **scores,
+            )
+            name = "final" if final else f"it{iteration:03d}"
+            save_result(result, s.run_dir / "clusters" / f"{name}-{view}", overwrite=True)
+        labels[view] = distributed.broadcast_array(None if result is None else result.labels)
+    return labels
+
+
+def route_labels(
+    heads: Mapping[str, Mapping[str, str]], labels: Mapping[str, np.ndarray]
+) -> dict[HeadKey, np.ndarray]:
+    """The labels each head learns: `Recipe.heads` names a view per (encoder, head).
+
+    sdc: (video, own) <- video, (audio, own) <- audio; mdc: own and other; cdc: both <- cdc;
+    xdc: (video, other) <- audio and (audio, other) <- video; superv: both <- true.
+    """
+    missing = sorted({view for hs in heads.values() for view in hs.values()} - set(labels))
+    if missing:
+        raise ConfigError(f"route_labels: no labels for view(s) {', '.join(missing)}")
+    return {(enc, head): labels[view] for enc, hs in heads.items() for head, view in hs.items()}
+
+
+def label_tables(s: Session, routed: Mapping[HeadKey, np.ndarray]) -> LabelTables:
+    """Labels per head aligned with the videos, with DeepCluster's balancing weights when asked for."""
+    weights = None
+    if s.recipe.clustering is not None and s.recipe.clustering.uniform_sampling:
+        weights = {key: balanced_weights(labels, s.held_out) for key, labels in routed.items()}
+    keys = s.learner.head_keys
+    return LabelTables(s.catalog.videos, {key: routed[key] for key in keys}, s.held_out, weights)
+
+
+def probe(s: Session, store: FeatureStore | None, iteration: int) -> None:
+    """Logistic regression on frozen pooled features vs the true labels (run.probe), on rank 0."""
+    if not s.recipe.run.probe or store is None or not s.dist.is_main:
+        return
+    eval_name = s.recipe.run.eval_set
+    train_store, train_labels = store, s.catalog.labels
+    if eval_name is None:
+        train_rows = np.flatnonzero(~s.held_out & (train_labels >= 0))
+        test_store, test_labels = store, train_labels
+        test_rows = np.flatnonzero(s.held_out & (train_labels >= 0))
+        split = "held-out"
+    else:
+        train_rows = np.flatnonzero(train_labels >= 0)
+        test_store, test_labels = s.eval_stores[eval_name], s.eval_set[1].labels
+        test_rows = np.flatnonzero(test_labels >= 0)
+        split = eval_name
+    rng = np.random.default_rng([s.recipe.seed, iteration, 0x9B])
+    train_rows = np.sort(rng.permutation(train_rows)[:PROBE_ROWS])
+    test_rows = np.sort(rng.permutation(test_rows)[:PROBE_ROWS])
+    if len(test_rows) == 0 or len(np.unique(train_labels[train_rows])) < 2:
+        return
+    for modality in store.modalities:
+        accuracy = linear_probe(
+            read_rows(train_store, modality, train_rows),
+            train_labels[train_rows],
+            read_rows(test_store, modality, test_rows),
+            test_labels[test_rows],
+            seed=s.recipe.seed,
+        )
+        s.logger.log(
+            "probe",
+            s.state.step,
+            iteration=iteration,
+            modality=modality,
+            accuracy=accuracy,
+            split=split,
+            train=len(train_rows),
+            test=len(test_rows),
+        )
+
+
+def read_rows(store: FeatureStore, modality: str, rows: np.ndarray) -> np.ndarray:
+    """float32 features of the given (sorted) rows, read chunk by chunk."""
+    out = np.empty((len(rows), store.dims[modality]), dtype=np.float32)
+    for chunk in np.unique(rows // store.chunk_rows):
+        start, stop = store.chunk_range(int(chunk))
+        pick = (rows >= start) & (rows < stop)
+        out[pick] = store.read(modality, start, stop)[rows[pick] - start]
+    return out
+
+
+def linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *, seed: int = 0
+) -> float:
+    """Accuracy of a multinomial logistic regression on standardised features (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    clf.fit(train_x, train_y)
+    return float((clf.predict(test_x) == test_y).mean())
+
+
+def start_iteration(s: Session, state: State, iteration: int) -> None:
+    """New heads (seeded), a fresh optimizer, schedule, early stopper and scaler for this iteration."""
+    generator = torch.Generator().manual_seed(derived_seed(s.recipe.seed, iteration, 1))
+    for name in sorted(s.learner.heads):
+        s.learner.heads[name].reset_(generator=generator)
+    state.iteration, state.epoch, state.finished, state.seconds = iteration, 0, False, 0.0
+    new_optimizer(s, state)
+
+
+def new_optimizer(s: Session, state: State) -> None:
+    optim = s.recipe.optim_for(state.iteration)
+    state.optimizer = build_optimizer(s.learner.parameters(), optim)
+    steps = steps_per_epoch(optim.epoch_size, optim.batch_size, s.dist.world_size)
+    state.scheduler = LrScheduler(state.optimizer, LrSchedule.from_config(optim), steps)
+    state.stopper = EarlyStopper(optim.patience)
+    state.scaler = make_scaler(s.device, s.recipe.model.precision)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed fixed by its parts (seed, iteration, epoch): a resumed epoch gets the same clips."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] % (1 << 31))
+
+
+def train_epoch(s: Session, state: State, tables: LabelTables) -> None:
+    """One epoch of `epoch_size` clips over all ranks; logs step and epoch records; early stopping."""
+    recipe, it = s.recipe, state.iteration
+    optim = recipe.optim_for(it)
+    loader = train_loader(
+        s.shards,
+        batch_size=optim.batch_size,
+        epoch_size=optim.epoch_size,
+        clip=s.clip,
+        run=s.runtime(seed=derived_seed(recipe.seed, it, state.epoch, 2)),
+        spec_augment=recipe.data.spec_augment,
+    )
+    keys = s.learner.head_keys
+    sums = torch.zeros(len(keys), 5, dtype=torch.float64, device=s.device)
+    window = torch.zeros_like(sums)
+    clips = optim.batch_size * s.dist.world_size
+    total, t0, tw, steps = len(loader) * clips, time.perf_counter(), time.perf_counter(), 0
+    stage = f"it{it:03d} epoch {state.epoch + 1}/{optim.total_epochs}"
+    s.learner.train()
+    for i, batch in enumerate(loader):
+        targets = tables.batch(batch["index"], s.device)
+        stats = train_step(
+            s.model,
+            state.optimizer,
+            state.scaler,
+            batch,
+            targets,
+            device=s.device,
+            precision=recipe.model.precision,
+            channels_last=recipe.model.channels_last and s.device.type == "cuda",
+        )
+        lr = state.scheduler.lr
+        state.scheduler.step()
+        state.step += 1
+        steps += 1
+        window += stats
+        if state.step % recipe.run.log_every == 0 or i + 1 == len(loader):
+            w = window.cpu().numpy()
+            now = time.perf_counter()
+            loss = summarise(w, keys)["train_loss"]
+            s.logger.log(
+                "step",
+                state.step,
+                iteration=it,
+                epoch=state.epoch + (i + 1) / len(loader),
+                lr=lr,
+                loss=loss,
+                clips_per_s=steps * clips / max(now - tw, 1e-9),
+            )
+            sums += window
+            window.zero_()
+            tw, steps = now, 0
+            s.tick(stage, (i + 1) * clips, total, loss=loss)
+        else:
+            s.tick(stage, (i + 1) * clips, total)
+    sums += window
+    summary = summarise(distributed.all_reduce_sum(sums.cpu().numpy()), keys)
+    seconds = time.perf_counter() - t0
+    state.epoch += 1
+    state.seconds += seconds
+    s.logger.log(
+        "epoch", state.step, iteration=it, epoch=state.epoch, lr=lr, seconds=seconds, clips=total, **summary
+    )
+    stop = False
+    if optim.early_stop and summary["val_loss"] is not None:
+        stop = state.stopper.update(summary["val_loss"])
+    state.finished = stop or state.epoch >= optim.total_epochs
+
+
+def end_iteration(s: Session, state: State) -> None:
+    s.logger.log(
+        "iteration",
+        state.step,
+        iteration=state.iteration,
+        epochs=state.epoch,
+        stopped_early=bool(state.stopper is not None and state.stopper.should_stop),
+        seconds=state.seconds,
+    )
+    state.iteration += 1
+    state.labels = None
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save(s: Session, state: State) -> None:
+    """Checkpoint after the labels are made (epoch 0) and every `checkpoint_every` epochs (rank 0)."""
+    every = s.recipe.run.checkpoint_every
+    if not (state.epoch == 0 or state.finished or state.epoch % every == 0):
+        return
+    if s.dist.is_main:
+        s.logger.flush()
+        save_checkpoint(
+            checkpoint_path(s.run_dir, state.iteration, state.epoch), pack(s, state), digest=s.digest
+        )
+        prune_checkpoints(s.run_dir, keep_last=2)
+        if state.epoch == 0:  # the labels are safe: older feature stores are no longer needed
+            for old in (s.run_dir / "features").glob("it*.zarr"):
+                if old.name < f"it{state.iteration:03d}":
+                    shutil.rmtree(old, ignore_errors=True)
+
+
+def encoder_config(recipe: Recipe) -> dict[str, Any]:
+    """How to rebuild the encoders of a checkpoint (read by `xdctools extract`)."""
+    return {
+        "width": recipe.model.width,
+        "video_layout": recipe.model.video_layout,
+        "bn_eps": 1e-5,
+        "audio_maxpool": False,
+    }
+
+
+def pack(s: Session, state: State) -> dict[str, Any]:
+    return {
+        "iteration": state.iteration,
+        "epoch": state.epoch,
+        "finished": state.finished,
+        "step": state.step,
+        "seconds": state.seconds,
+        "world_size": s.dist.world_size,
+        "config": encoder_config(s.recipe),
+        "model": {k: v.detach().cpu() for k, v in s.learner.state_dict().items()},
+        "videos": pack_array(s.catalog.videos),
+        "labels": {view: pack_array(labels) for view, labels in (state.labels or {}).items()},
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "stopper": state.stopper.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": rng_state(),
+        "logger": s.logger.state_dict(),
+    }
+
+
+def restore(s: Session, saved: Mapping[str, Any]) -> None:
+    """Put a checkpoint's state back into the session (models in place, optimizer rebuilt then loaded)."""
+    videos = unpack_array(saved["videos"])
+    if not np.array_equal(videos, s.catalog.videos):
+        raise DataError(f"{s.run_dir}: the checkpoint's videos differ from {s.recipe.data.shards}'s")
+    s.learner.load_state_dict(saved["model"])
+    state = s.state
+    state.iteration, state.epoch = int(saved["iteration"]), int(saved["epoch"])
+    state.finished, state.step, state.seconds = bool(saved["finished"]), int(saved["step"]), saved["seconds"]
+    state.labels = {view: unpack_array(t) for view, t in saved["labels"].items()}
+    new_optimizer(s, state)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.stopper.load_state_dict(saved["stopper"])
+    state.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+
+
+# --- the end --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced: where, and per iteration NMI / losses / probe accuracy (rank 0's view)."""
+
+    run_dir: Path
+    report: Path
+    iterations: list[dict[str, Any]]
+    seconds: float
+    resumed_complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "report": str(self.report),
+            "iterations": self.iterations,
+            "seconds": self.seconds,
+        }
+
+
+def finish(s: Session, state: State) -> RunResult:
+    """Plots, report.md, encoders.pt and result.json (rank 0); every rank gets the result."""
+    result = None
+    if s.dist.is_main:
+        s.logger.flush()
+        s.logger.plot()
+        rows = per_iteration(read_metrics(s.run_dir))
+        seconds = time.time() - s.started
+        final = {
+            "final" if r["iteration"] == s.recipe.iterations else f"iteration {r['iteration']}": {
+                k: v for k, v in r.items() if k != "iteration"
+            }
+            for r in rows
+        }
+        report = write_report(
+            s.run_dir,
+            s.recipe,
+            {
+                "status": f"Finished {s.recipe.iterations} iteration(s), {state.step} optimizer steps.",
+                "seconds": seconds,
+                "data": {
+                    "videos": s.catalog.num_videos,
+                    "segments": len(s.shards),
+                    "held out": int(s.held_out.sum()),
+                },
+                "hardware": hardware_info(s.dist.world_size),
+                "final": final,
+            },
+        )
+        save_checkpoint(
+            s.run_dir / ENCODERS_FILE,
+            {
+                "config": encoder_config(s.recipe),
+                "model": {k: v.cpu() for k, v in s.learner.state_dict().items()},
+            },
+            digest=s.digest,
+        )
+        result = RunResult(s.run_dir, report, rows, seconds)
+        doc = {"digest": s.digest, **result.to_json()}
+        write_bytes_atomic(s.run_dir / RESULT_FILE, json.dumps(doc, indent=1).encode())
+    s.logger.close()
+    result = distributed.broadcast_object(result)
+    return result
+
+
+def finished_result(run_dir: Path, recipe: Recipe) -> RunResult | None:
+    """The result of a run that already finished with this recipe, or None."""
+    try:
+        doc = json.loads((run_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("digest") != recipe_digest(recipe):
+        return None
+    return RunResult(Path(doc["run_dir"]), Path(doc["report"]), doc["iterations"], doc["seconds"], True)
+
+
+def per_iteration(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per iteration (and 'final'): NMI per view, last train/val loss, epochs, probe accuracy."""
+    rows: dict[int, dict[str, Any]] = {}
+    for r in records:
+        it = r.get("iteration")
+        if it is None:
+            continue
+        row = rows.setdefault(int(it), {"iteration": int(it)})
+        if r["event"] == "cluster" and r.get("nmi") is not None:
+            row[f"nmi_{r['view']}"] = r["nmi"]
+        elif r["event"] == "epoch":
+            row["epochs"] = r["epoch"]
+            row["train_loss"] = r.get("train_loss")
+            row["val_loss"] = r.get("val_loss")
+        elif r["event"] == "probe":
+            row[f"probe_{r['modality']}"] = r["accuracy"]
+        elif r["event"] == "iteration":
+            row["stopped_early"] = r.get("stopped_early")
+    return [rows[i] for i in sorted(rows)]
