@@ -1,4 +1,5 @@
-# `make demo`: set up everything and run the main job on the built-in synthetic collection.
+# `make demo`: set up everything and run the main job (synth -> shard -> inspect -> XDC training) on the
+# built-in synthetic collection; a few minutes on 2 cores.
 # `make test`: set up everything and run lint + the test suite (what CI runs).
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,6 +14,7 @@ demo: setup
 	$(BIN)/xdctools synth $(DEMO)/videos
 	$(BIN)/xdctools shard $(DEMO)/videos -o $(DEMO)/shards --short-side 128 --workers 2
 	$(BIN)/xdctools inspect $(DEMO)/shards --png $(DEMO)/inspect.png
+	$(BIN)/xdctools train recipes/quickstart.yaml --set data.shards=$(DEMO)/shards --out $(DEMO)/run
 
 test: setup lint
 	$(BIN)/pytest -q
@@ -27,6 +29,10 @@ format:
 
 bench: setup
 	$(BIN)/python benchmarks/shard.py
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/models.py
+	$(BIN)/python benchmarks/cluster.py
+	$(BIN)/python benchmarks/train.py
 
 clean-demo:
 	rm -rf $(DEMO)
