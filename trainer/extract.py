@@ -460,16 +460,10 @@ def load_encoders(
     weights come from Caffe2), 1e-5 for torchvision's. `modalities` restricts what is built.
     """
     from trainer.models import AudioResNet, video_model_for
-    from trainer.models.weights import unwrap_state_dict
+    from trainer.models.weights import read_payload, unwrap_state_dict
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip, pickle and weights_only errors all mean "unreadable"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"{path}: cannot read checkpoint ({reason})") from None
+    obj = read_payload(path)
     ours = isinstance(obj, Mapping) and isinstance(obj.get("state"), Mapping) and "format" in obj
     if ours:
         state = obj["state"]

@@ -81,12 +81,13 @@ from trainer.models import (
 from trainer.models.weights import (
     StateDict,
     detect_layout,
+    read_payload,
     state_dict_diff,
     unwrap_state_dict,
 )
 from trainer.optim import LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
 from xdctools import recipe as train_recipe
-from xdctools.errors import ConfigError, DataError, InputError
+from xdctools.errors import ConfigError, DataError
 from xdctools.eval_recipe import DATASETS, EvalRecipe, SplitSets, dump_eval_recipe, eval_digest
 from xdctools.shard import format as fmt
 
@@ -268,18 +269,6 @@ class EncoderSource:
     bytes: int = 0
 
 
-def read_payload(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True (no code runs); InputError if absent, DataError if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean "unreadable"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"{path}: cannot read checkpoint ({reason})") from None
-
-
 def encoder_state(payload: Any, modality: str, *, source: str) -> tuple[str, StateDict, dict[str, Any]]:
     """(kind, state dict of the `modality` encoder, its build config) from a loaded checkpoint.
 
@@ -404,6 +393,39 @@ class VideoScores:
 
 
 @torch.no_grad()
+def forward_clips(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    post: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    modality: str,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """`post(forward(clips))` of every clip the loader yields, `forward` under autocast, `post` after it.
+
+    Returns (outputs (R, ...) float32, video index, clip id, label (R,) int64), or None for no clip.
+    """
+    outputs, index, clip, label = [], [], [], []
+    for batch in loader:
+        if batch["index"].numel() == 0:
+            continue
+        with autocast(device, precision):  # type: ignore[arg-type]
+            out = forward(batch[modality].to(device, non_blocking=True))
+        outputs.append(post(out).cpu().numpy())
+        index.append(batch["index"].numpy())
+        clip.append(batch["clip"].numpy())
+        label.append(batch["label"].numpy())
+    if not outputs:
+        return None
+    return (
+        np.concatenate(outputs).astype(np.float32),
+        np.concatenate(index).astype(np.int64),
+        np.concatenate(clip).astype(np.int64),
+        np.concatenate(label).astype(np.int64),
+    )
+
+
 def clip_probabilities(
     model: nn.Module,
     loader: Iterable[Mapping[str, torch.Tensor]],
@@ -413,24 +435,18 @@ def clip_probabilities(
     precision: str = "fp32",
 ) -> ClipRows:
     """Softmax over classes of every clip the loader yields (the model in eval mode; caller sets it)."""
-    index, clip, label, probs = [], [], [], []
-    for batch in loader:
-        if batch["index"].numel() == 0:
-            continue
-        with autocast(device, precision):  # type: ignore[arg-type]
-            logits = model(batch[modality].to(device, non_blocking=True))
-        probs.append(F.softmax(logits.float(), dim=1).cpu().numpy())
-        index.append(batch["index"].numpy())
-        clip.append(batch["clip"].numpy())
-        label.append(batch["label"].numpy())
-    if not probs:
-        return ClipRows(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros((0, 0), np.float32))
-    return ClipRows(
-        np.concatenate(index).astype(np.int64),
-        np.concatenate(clip).astype(np.int64),
-        np.concatenate(label).astype(np.int64),
-        np.concatenate(probs).astype(np.float32),
+    rows = forward_clips(
+        model,
+        lambda logits: F.softmax(logits.float(), dim=1),
+        loader,
+        modality=modality,
+        device=device,
+        precision=precision,
     )
+    if rows is None:
+        return ClipRows(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros((0, 0), np.float32))
+    probs, index, clip, label = rows
+    return ClipRows(index, clip, label, probs)
 
 
 def gather_clip_rows(rows: ClipRows, num_classes: int) -> ClipRows:
@@ -820,28 +836,48 @@ def run_finetune(recipe: EvalRecipe, progress: Progress | None = None) -> dict[s
     Returns the sweep summary (see `summarise_sweep`); rank 0 also writes sweep.json, recipe.yaml
     and the merged results table under `run.out`.
     """
-    from trainer import results
-
     if recipe.mode not in ("full", "fc"):
         raise ConfigError(f"mode {recipe.mode!r}: run_finetune trains (full or fc); use trainer.svm for svm")
     progress = progress or (lambda _msg: None)
+    dist, classes, splits = start_run(recipe, needs="finetuning")
+    _, source = build_encoder(recipe)  # fails early on a checkpoint that does not fit
+    write_recipe(recipe, dist)
+    ctx = _Context(recipe, dist, classes, source, progress)
+    done = [finetune_split(ctx, split, lr) for lr in recipe.lrs for split in splits]
+    summary = summarise_sweep(recipe, source, done, [s.name for s in splits])
+    return finish_run(recipe, dist, SWEEP_FILE, summary)
+
+
+def start_run(recipe: EvalRecipe, *, needs: str) -> tuple[distributed.Dist, list[str], list[Split]]:
+    """What an evaluation run starts from: the process group, the dataset's classes and the splits.
+
+    DataError when dataset.json lists fewer than 2 classes (`needs` names what needs the labels).
+    """
     dist = distributed.init(recipe.data.device)
     doc = read_dataset(recipe.data.shards)
     classes = list(doc.get("classes") or [])
     if len(classes) < 2:
         raise DataError(
-            f"{recipe.data.shards}/dataset.json: lists {len(classes)} classes; finetuning needs labels"
+            f"{recipe.data.shards}/dataset.json: lists {len(classes)} classes; {needs} needs labels"
         )
-    splits = resolve_splits(recipe, doc, f"{recipe.data.shards}/dataset.json")
-    _, source = build_encoder(recipe)  # fails early on a checkpoint that does not fit
-    out = run_dir(recipe)
+    return dist, classes, resolve_splits(recipe, doc, f"{recipe.data.shards}/dataset.json")
+
+
+def write_recipe(recipe: EvalRecipe, dist: distributed.Dist) -> None:
+    """Rank 0 writes the resolved recipe as `recipe.yaml` in the run folder."""
     if dist.is_main:
-        write_bytes_atomic(out / "recipe.yaml", dump_eval_recipe(recipe).encode())
-    ctx = _Context(recipe, dist, classes, source, progress)
-    done = [finetune_split(ctx, split, lr) for lr in recipe.lrs for split in splits]
-    summary = summarise_sweep(recipe, source, done, [s.name for s in splits])
+        write_bytes_atomic(run_dir(recipe) / "recipe.yaml", dump_eval_recipe(recipe).encode())
+
+
+def finish_run(
+    recipe: EvalRecipe, dist: distributed.Dist, name: str, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """Rank 0 writes `summary` as `name` in the run folder and merges it into the results table (the
+    files written go to summary["table"]); every rank waits for it. Returns `summary`."""
+    from trainer import results
+
     if dist.is_main:
-        write_bytes_atomic(out / SWEEP_FILE, (json.dumps(summary, indent=1) + "\n").encode())
+        write_bytes_atomic(run_dir(recipe) / name, (json.dumps(summary, indent=1) + "\n").encode())
         summary["table"] = [str(p) for p in results.merge_entry(recipe.run.out, summary)]
     distributed.barrier()
     return summary

@@ -22,7 +22,6 @@ the 4 others); each set's features are extracted once per run.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +33,6 @@ import torch
 from torch import nn
 
 from trainer import distributed, sampling
-from trainer.checkpoint import write_bytes_atomic
 from trainer.data import eval_loader
 from trainer.finetune import (
     EncoderSource,
@@ -44,15 +42,15 @@ from trainer.finetune import (
     check_labels,
     clip_spec,
     entry_record,
+    finish_run,
+    forward_clips,
     is_audio_only,
     open_sets,
-    read_dataset,
-    resolve_splits,
-    run_dir,
+    start_run,
+    write_recipe,
 )
-from trainer.models import autocast
 from xdctools.errors import ConfigError, DataError
-from xdctools.eval_recipe import EvalRecipe, dump_eval_recipe
+from xdctools.eval_recipe import EvalRecipe
 
 Progress = Callable[[str], None]
 SVM_FILE = "svm.json"
@@ -85,7 +83,6 @@ class ClipFeatures:
         return files, means, labels
 
 
-@torch.no_grad()
 def extract_clip_features(
     encoder: nn.Module,
     loader: Iterable[Mapping[str, torch.Tensor]],
@@ -96,25 +93,18 @@ def extract_clip_features(
 ) -> ClipFeatures:
     """`encoder.forward_features` of every clip the loader yields, the encoder in eval mode."""
     encoder.eval()
-    feats, files, clips, labels = [], [], [], []
-    for batch in loader:
-        if batch["index"].numel() == 0:
-            continue
-        with autocast(device, precision):  # type: ignore[arg-type]
-            f = encoder.forward_features(batch[modality].to(device, non_blocking=True))
-        feats.append(f.float().cpu().numpy())
-        files.append(batch["index"].numpy())
-        clips.append(batch["clip"].numpy())
-        labels.append(batch["label"].numpy())
-    if not feats:
+    rows = forward_clips(
+        encoder.forward_features,
+        lambda f: f.float(),
+        loader,
+        modality=modality,
+        device=device,
+        precision=precision,
+    )
+    if rows is None:
         dim = int(getattr(encoder, "feature_dim", 0))
         return ClipFeatures(np.zeros((0, dim), np.float32), *(np.zeros(0, np.int64) for _ in range(3)))
-    return ClipFeatures(
-        np.concatenate(feats).astype(np.float32),
-        np.concatenate(files).astype(np.int64),
-        np.concatenate(clips).astype(np.int64),
-        np.concatenate(labels).astype(np.int64),
-    )
+    return ClipFeatures(*rows)
 
 
 def gather_features(part: ClipFeatures) -> ClipFeatures:
@@ -235,25 +225,14 @@ def fit_svm(
 
 def run_svm(recipe: EvalRecipe, progress: Progress | None = None) -> dict[str, Any]:
     """Extract each set's clip features once, fit and score the SVM per split, merge the results table."""
-    from trainer import results
-
     if recipe.mode != "svm":
         raise ConfigError(f"mode {recipe.mode!r}: run_svm evaluates mode svm")
     progress = progress or (lambda _msg: None)
-    dist = distributed.init(recipe.data.device)
-    doc = read_dataset(recipe.data.shards)
-    classes = list(doc.get("classes") or [])
-    if len(classes) < 2:
-        raise DataError(
-            f"{recipe.data.shards}/dataset.json: lists {len(classes)} classes; the SVM needs labels"
-        )
-    splits = resolve_splits(recipe, doc, f"{recipe.data.shards}/dataset.json")
+    dist, classes, splits = start_run(recipe, needs="the SVM")
     torch.manual_seed(recipe.seed)
     encoder, source = build_encoder(recipe)
     encoder = encoder.to(dist.device).eval()
-    out = run_dir(recipe)
-    if dist.is_main:
-        write_bytes_atomic(out / "recipe.yaml", dump_eval_recipe(recipe).encode())
+    write_recipe(recipe, dist)
 
     cache: dict[str, ClipFeatures] = {}
     needed = sorted({name for s in splits for name in (*s.train, s.test)})
@@ -271,11 +250,7 @@ def run_svm(recipe: EvalRecipe, progress: Progress | None = None) -> dict[str, A
         r = per_split[split.name]
         progress(f"{split.name}: SVM accuracy {100 * r.accuracy:.2f}% ({r.files} files, C {r.c:g})")
     summary = summarise_svm(recipe, source, per_split)
-    if dist.is_main:
-        write_bytes_atomic(out / SVM_FILE, (json.dumps(summary, indent=1) + "\n").encode())
-        summary["table"] = [str(p) for p in results.merge_entry(recipe.run.out, summary)]
-    distributed.barrier()
-    return summary
+    return finish_run(recipe, dist, SVM_FILE, summary)
 
 
 def _set_features(

@@ -35,11 +35,9 @@ import gzip
 import io
 import json
 import math
-import multiprocessing
 import os
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +45,7 @@ import numpy as np
 import soundfile as sf
 
 from xdctools.errors import InputError
-from xdctools.synth import encode_mp4
+from xdctools.synth import check_output_root, encode_mp4, make_missing, write_text_atomic
 
 SPLITS = ("train", "test")
 FSDD_INDICES = {"train": range(5, 50), "test": range(0, 5)}  # FSDD's own convention
@@ -477,12 +475,6 @@ class DigitsResult:
     written: int  # videos encoded by this call (the others were already there)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _make_one(args: tuple[Path, np.ndarray, str, Source, DigitsParams]) -> Path:
     path, image, rec_path, source, p = args
     audio = read_recording(rec_path, p.sample_rate)
@@ -491,25 +483,6 @@ def _make_one(args: tuple[Path, np.ndarray, str, Source, DigitsParams]) -> Path:
     )
     encode_mp4(path, frames, audio, fps=p.fps, sample_rate=p.sample_rate)
     return path
-
-
-def _check_root(root: Path, meta: Path, doc: dict) -> None:
-    """`root` is absent, empty, or a digits set of exactly this content (an interrupted run to finish)."""
-    if root.exists() and not root.is_dir():
-        raise InputError(f"{root}: exists and is not a folder")
-    if meta.exists():
-        try:
-            old = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{meta}: unreadable ({exc})") from exc
-        doc = json.loads(json.dumps(doc))  # tuples as lists, as read back
-        same = all(old.get(k) == doc[k] for k in ("version", "params", "files"))
-        if not same:
-            raise InputError(
-                f"{root}: holds a digits set made with other parameters or data; choose an empty folder"
-            )
-    elif root.exists() and any(root.iterdir()):
-        raise InputError(f"{root}: folder is not empty and holds no digits.json; choose an empty folder")
 
 
 def make_digits(
@@ -535,28 +508,19 @@ def make_digits(
     sources = choose_sources(recordings, labels, params)
     doc = describe(params, sources, fsdd_dir, mnist_dir)
     meta = root / "digits.json"
-    _check_root(root, meta, doc)
+    check_output_root(
+        root,
+        meta,
+        doc,
+        keys=("version", "params", "files"),
+        other="a digits set made with other parameters or data",
+    )
     root.mkdir(parents=True, exist_ok=True)
     # Written first (complete: false), so a rerun recognises an interrupted set as its own.
-    _write_text_atomic(meta, json.dumps({**doc, "complete": False}, indent=1) + "\n")
+    write_text_atomic(meta, json.dumps({**doc, "complete": False}, indent=1) + "\n")
 
     jobs = [(root / s.path, images[s.mnist_index], str(s.recording.path), s, params) for s in sources]
-    files = [job[0] for job in jobs]
-    pending = [job for job in jobs if not job[0].exists()]
-    for f in files:
-        if f.exists() and progress:
-            progress(f)
-    if workers <= 1 or len(pending) <= 1:
-        for job in pending:
-            done = _make_one(job)
-            if progress:
-                progress(done)
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold torch/OpenMP threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for done in pool.map(_make_one, pending, chunksize=4):
-                if progress:
-                    progress(done)
-    _write_text_atomic(root / "manifest.csv", manifest_text(sources))
-    _write_text_atomic(meta, json.dumps(doc, indent=1) + "\n")
-    return DigitsResult(root=root, files=files, written=len(pending))
+    written = make_missing(jobs, _make_one, workers=workers, progress=progress, chunksize=4)
+    write_text_atomic(root / "manifest.csv", manifest_text(sources))
+    write_text_atomic(meta, json.dumps(doc, indent=1) + "\n")
+    return DigitsResult(root=root, files=[job[0] for job in jobs], written=written)

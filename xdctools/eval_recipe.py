@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from xdctools.errors import ConfigError, InputError
-from xdctools.recipe import FieldProblem, Section, _problem_field, _reason, _section_type, parse_yaml
+from xdctools.recipe import FieldProblem, Section, describe_first, drop_fields, load_model, parse_model
 
 Mode = Literal["full", "fc", "svm"]
 Modality = Literal["video", "audio"]
@@ -286,68 +285,12 @@ def load_eval_recipe(path: str | Path, overrides: Sequence[str] = ()) -> EvalRec
     `overrides` are `section.key=value` strings (`optim.lr=0.01`, `mode=fc`, `model.checkpoint=null`),
     the value parsed as YAML.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the recipe ({e})") from None
-    return parse_eval_recipe(text, source=str(path), overrides=overrides)
+    return load_model(path, EvalRecipe, overrides, describe=format_errors)
 
 
 def parse_eval_recipe(text: str, *, source: str = "<recipe>", overrides: Sequence[str] = ()) -> EvalRecipe:
     """`load_eval_recipe` on text already read; `source` names it in errors."""
-    try:
-        raw = parse_yaml(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}: {where}invalid YAML ({problem})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item, source)
-    try:
-        return EvalRecipe.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: {format_errors(e)}") from None
-
-
-def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
-    """Set one `a.b=value` in the raw mapping, after checking the path names a recipe field."""
-    dotted, sep, text = item.partition("=")
-    dotted = dotted.strip()
-    if not sep or not dotted:
-        raise ConfigError(f"{source}: override {item!r}: expected section.key=value")
-    try:
-        value = parse_yaml(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML") from None
-    set_field(raw, dotted, value, source, what=f"override {item!r}")
-
-
-def set_field(raw: dict[str, Any], dotted: str, value: Any, source: str, *, what: str) -> None:
-    """raw[a][b] = value for "a.b", creating sections; ConfigError when the path is not a field."""
-    parts = dotted.split(".")
-    model: type[BaseModel] | None = EvalRecipe
-    node = raw
-    for depth, part in enumerate(parts):
-        if model is None or part not in model.model_fields:
-            at = ".".join(parts[:depth]) or "the recipe"
-            known = ", ".join(model.model_fields) if model is not None else "no fields"
-            raise ConfigError(f"{source}: {what}: unknown field {dotted} ({at} has {known})")
-        if depth == len(parts) - 1:
-            node[part] = value
-            return
-        model = _section_type(model.model_fields[part].annotation)
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{source}: {what}: {'.'.join(parts[: depth + 1])} is not a section")
-        node = child
+    return parse_model(text, EvalRecipe, source=source, overrides=overrides, describe=format_errors)
 
 
 def format_errors(error: ValidationError) -> str:
@@ -355,26 +298,9 @@ def format_errors(error: ValidationError) -> str:
     errors = error.errors()
     # a split given as a mapping also fails the `int` member of its union: report the mapping's problem
     errors = [e for e in errors if not (e["type"] == "int_type" and isinstance(e["input"], dict))] or errors
-    first = errors[0]
     # pydantic adds the union member tried ("int", "SplitSets") to the location: leave it out
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in ("int", "SplitSets")))
-    field = ".".join(str(p) for p in (*loc, _problem_field(first)) if p != "")
-    reason = _reason(first)
-    if first["type"] == "extra_forbidden":
-        reason += _known_keys(loc)
-    text = f"{field or 'recipe'}: {reason}"
-    return text + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
-
-
-def _known_keys(loc: tuple[Any, ...]) -> str:
-    model: type[BaseModel] | None = EvalRecipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
-            return ""
-        model = _section_type(model.model_fields[part].annotation)
-    return f" (expected one of: {', '.join(model.model_fields)})" if model is not None else ""
+    loc = tuple(p for p in errors[0]["loc"] if not (isinstance(p, str) and p in ("int", "SplitSets")))
+    return describe_first(errors, loc, EvalRecipe)
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -392,13 +318,7 @@ def eval_digest(recipe: EvalRecipe, extra: Mapping[str, Any] | None = None) -> s
     Stored with each (lr, split) folder's checkpoints and result, so a rerun resumes or skips only
     work that the same recipe would do.
     """
-    doc = recipe.model_dump(mode="json")
-    for dotted in RUNTIME_FIELDS:
-        *parents, leaf = dotted.split(".")
-        node = doc
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
+    doc = drop_fields(recipe.model_dump(mode="json"), RUNTIME_FIELDS)
     if recipe.mode != "svm":
         doc.pop("svm", None)
     doc["extra"] = dict(extra or {})

@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,6 +31,7 @@ from xdctools.errors import ConfigError, InputError
 
 Method = Literal["sdc", "mdc", "cdc", "xdc", "superv"]
 METHODS: tuple[str, ...] = get_args(Method)
+M = TypeVar("M", bound=BaseModel)
 
 # Fields that change how fast or where a run goes, not what it computes: left out of the digest so
 # that a run may resume with, e.g., more loader threads or another output folder name.
@@ -299,6 +300,25 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     `overrides` are `section.key=value` strings (`optim.lr=0.02`, `clustering.k=512`, `seed=3`,
     `clustering.last_iteration.total_epochs=30`); the value is parsed as YAML.
     """
+    return load_model(path, Recipe, overrides)
+
+
+def parse_recipe(text: str, *, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
+    """`load_recipe` on text already read; `source` names it in errors."""
+    return parse_model(text, Recipe, source=source, overrides=overrides)
+
+
+def load_model(
+    path: str | Path,
+    model_cls: type[M],
+    overrides: Sequence[str] = (),
+    *,
+    describe: Callable[[ValidationError], str] | None = None,
+) -> M:
+    """Read a YAML file into `model_cls` (a training or evaluation recipe): `parse_model` on its text.
+
+    InputError if the file cannot be read; ConfigError (one line, naming file and field) if it is bad.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -306,11 +326,21 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise InputError(f"{path}: recipe file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the recipe ({e})") from None
-    return parse_recipe(text, source=str(path), overrides=overrides)
+    return parse_model(text, model_cls, source=str(path), overrides=overrides, describe=describe)
 
 
-def parse_recipe(text: str, *, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
-    """`load_recipe` on text already read; `source` names it in errors."""
+def parse_model(
+    text: str,
+    model_cls: type[M],
+    *,
+    source: str = "<recipe>",
+    overrides: Sequence[str] = (),
+    describe: Callable[[ValidationError], str] | None = None,
+) -> M:
+    """Parse YAML text, apply `a.b=value` overrides and validate it as `model_cls`.
+
+    `describe` turns a validation error into its one-line message (default: `format_errors`).
+    """
     try:
         raw = parse_yaml(text)
     except yaml.YAMLError as e:
@@ -321,15 +351,15 @@ def parse_recipe(text: str, *, source: str = "<recipe>", overrides: Sequence[str
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item, source)
+        apply_override(raw, item, source, model_cls)
     try:
-        return Recipe.model_validate(raw)
+        return model_cls.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {format_errors(e)}") from None
+        raise ConfigError(f"{source}: {(describe or format_errors)(e)}") from None
 
 
-def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
-    """Set one `a.b.c=value` in the raw mapping, after checking the path names a recipe field."""
+def apply_override(raw: dict[str, Any], item: str, source: str, model_cls: type[BaseModel]) -> None:
+    """Set one `a.b.c=value` in the raw mapping, after checking the path names a field of `model_cls`."""
     dotted, sep, text = item.partition("=")
     dotted = dotted.strip()
     if not sep or not dotted:
@@ -339,7 +369,7 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     except yaml.YAMLError:
         raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML") from None
     parts = dotted.split(".")
-    model: type[BaseModel] | None = Recipe
+    model: type[BaseModel] | None = model_cls
     node = raw
     for depth, part in enumerate(parts):
         if model is None or part not in model.model_fields:
@@ -419,27 +449,36 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _known_keys(loc: tuple[Any, ...]) -> str:
-    """For an unknown key: the keys its section accepts."""
-    model: type[BaseModel] | None = Recipe
+def _known_keys(loc: tuple[Any, ...], model_cls: type[BaseModel]) -> str:
+    """For an unknown key: the keys its section accepts (list indices in `loc` are stepped over)."""
+    model: type[BaseModel] | None = model_cls
     for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
         if model is None or part not in model.model_fields:
             return ""
         model = _section_type(model.model_fields[part].annotation)
     return f" (expected one of: {', '.join(model.model_fields)})" if model is not None else ""
 
 
-def format_errors(error: ValidationError) -> str:
-    """The first validation error as `dotted.path: reason`, plus "(and N more)"."""
-    errors = error.errors()
+def describe_first(
+    errors: Sequence[Mapping[str, Any]], loc: tuple[Any, ...], model_cls: type[BaseModel]
+) -> str:
+    """`errors[0]` as `dotted.path: reason`, plus "(and N more)"; `loc` is its location as reported."""
     first = errors[0]
-    loc = tuple(p for p in first["loc"] if isinstance(p, (str, int)))
     field = ".".join(str(p) for p in (*loc, _problem_field(first)) if p != "")
     reason = _reason(first)
     if first["type"] == "extra_forbidden":
-        reason += _known_keys(loc)
+        reason += _known_keys(loc, model_cls)
     text = f"{field or 'recipe'}: {reason}"
     return text + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+
+
+def format_errors(error: ValidationError) -> str:
+    """The first validation error of a training recipe as `dotted.path: reason`, plus "(and N more)"."""
+    errors = error.errors()
+    loc = tuple(p for p in errors[0]["loc"] if isinstance(p, (str, int)))
+    return describe_first(errors, loc, Recipe)
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -459,12 +498,17 @@ def recipe_digest(recipe: Recipe) -> str:
 
     A checkpoint stores it, so a run never resumes under a recipe that would train differently.
     """
-    doc = recipe.model_dump(mode="json")
-    for dotted in RUNTIME_FIELDS:
+    doc = drop_fields(recipe.model_dump(mode="json"), RUNTIME_FIELDS)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def drop_fields(doc: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """Remove each dotted field ("a.b", "c") from a dumped recipe, in place; returns `doc`."""
+    for dotted in fields:
         *parents, leaf = dotted.split(".")
         node = doc
         for part in parents:
             node = node[part]
         node.pop(leaf, None)
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return doc

@@ -17,7 +17,7 @@ import json
 import math
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -416,10 +416,63 @@ def describe(params: SynthParams, complete: bool = True) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, doc: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a hidden `.name.partial` next to `path`, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def check_output_root(root: Path, meta: Path, doc: dict, *, keys: Sequence[str], other: str) -> None:
+    """`root` is absent, empty, or holds a `meta` whose `keys` equal `doc`'s (an interrupted run to finish).
+
+    InputError otherwise; `other` says what a mismatching `meta` holds ("a synth collection with ...").
+    """
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: exists and is not a folder")
+    if meta.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{meta}: unreadable ({exc})") from exc
+        doc = json.loads(json.dumps(doc))  # tuples as lists, as read back
+        if not all(old.get(k) == doc[k] for k in keys):
+            raise InputError(f"{root}: holds {other}; choose an empty folder")
+    elif root.exists() and any(root.iterdir()):
+        raise InputError(f"{root}: folder is not empty and holds no {meta.name}; choose an empty folder")
+
+
+def make_missing(
+    jobs: Sequence[tuple],
+    make_one: Callable[[tuple], Path],
+    *,
+    workers: int = 1,
+    progress: Callable[[Path], None] | None = None,
+    chunksize: int = 1,
+) -> int:
+    """Run `make_one(job)` for each job whose output file (`job[0]`) is missing; returns how many ran.
+
+    `make_one` is a module-level function (worker processes are spawned, so it must pickle) that
+    writes `job[0]` and returns it. `progress` is called once per file: first for those already
+    present, then for each as it is made, in job order.
+    """
+    files = [job[0] for job in jobs]
+    pending = [job for job in jobs if not job[0].exists()]
+    for f in files:
+        if f.exists() and progress:
+            progress(f)
+    if workers <= 1 or len(pending) <= 1:
+        for job in pending:
+            done = make_one(job)
+            if progress:
+                progress(done)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold torch/OpenMP threads
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            for done in pool.map(make_one, pending, chunksize=chunksize):
+                if progress:
+                    progress(done)
+    return len(pending)
 
 
 def _make_one(args: tuple[Path, ClassSpec, int, SynthParams]) -> Path:
@@ -451,40 +504,15 @@ def synthesize(
         raise InputError(f"{root}: {exc}") from exc
     doc = describe(params)
     meta = root / "synth.json"
-    if root.exists() and not root.is_dir():
-        raise InputError(f"{root}: exists and is not a folder")
-    if meta.exists():
-        try:
-            old = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{meta}: unreadable ({exc})") from exc
-        if old.get("params") != doc["params"] or old.get("version") != doc["version"]:
-            raise InputError(
-                f"{root}: holds a synth collection with other parameters; choose an empty folder"
-            )
-    elif root.exists() and any(root.iterdir()):
-        raise InputError(f"{root}: folder is not empty and holds no synth.json; choose an empty folder")
+    check_output_root(
+        root, meta, doc, keys=("params", "version"), other="a synth collection with other parameters"
+    )
     root.mkdir(parents=True, exist_ok=True)
     # Written first (complete: false), so a rerun recognises an interrupted collection as its own.
-    _write_json_atomic(meta, describe(params, complete=False))
+    write_text_atomic(meta, json.dumps(describe(params, complete=False), indent=2) + "\n")
 
     specs = class_specs(params.classes)
     jobs = [(root / s.name / video_name(s, i), s, i, params) for s in specs for i in range(params.per_class)]
-    files = [job[0] for job in jobs]
-    pending = [job for job in jobs if not job[0].exists()]
-    for f in files:
-        if f.exists() and progress:
-            progress(f)
-    if workers <= 1 or len(pending) <= 1:
-        for job in pending:
-            done = _make_one(job)
-            if progress:
-                progress(done)
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold torch/OpenMP threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for done in pool.map(_make_one, pending):
-                if progress:
-                    progress(done)
-    _write_json_atomic(meta, doc)
-    return SynthResult(root=root, files=files, written=len(pending))
+    written = make_missing(jobs, _make_one, workers=workers, progress=progress)
+    write_text_atomic(meta, json.dumps(doc, indent=2) + "\n")
+    return SynthResult(root=root, files=[job[0] for job in jobs], written=written)

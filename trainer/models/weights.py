@@ -30,14 +30,25 @@ MAX_LISTED = 30  # a layout mismatch differs in 18 tensors: list them all
 def read_checkpoint(path: str | os.PathLike) -> StateDict:
     """Load a checkpoint file on CPU with `weights_only=True` (no code runs) and unwrap its state dict."""
     path = Path(path)
+    return unwrap_state_dict(read_payload(path, full_error=True), source=str(path))
+
+
+def read_payload(path: str | os.PathLike, *, full_error: bool = False) -> Any:
+    """What a checkpoint file holds, as is: `torch.load` on CPU with `weights_only=True` (no code runs).
+
+    InputError if the file is absent; DataError naming the first line of torch's error if it cannot be
+    read, cut at 200 characters, or whole and chained to torch's error with `full_error`.
+    """
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all mean "unreadable"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot read checkpoint ({reason})") from exc
-    return unwrap_state_dict(obj, source=str(path))
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if full_error:
+            raise DataError(f"{path}: cannot read checkpoint ({reason})") from exc
+        raise DataError(f"{path}: cannot read checkpoint ({reason[:200]})") from None
 
 
 def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> StateDict:

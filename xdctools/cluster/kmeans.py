@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +37,8 @@ from xdctools.cluster.assign import (
     l2_normalize,
     nonfinite_error,
 )
-from xdctools.errors import ConfigError, DataError, InputError
-from xdctools.features.store import open_store
+from xdctools.errors import ConfigError, DataError
+from xdctools.features.store import open_store, write_folder
 
 
 @dataclass
@@ -318,13 +316,8 @@ def save_result(
     overwrite: bool = False,
 ) -> Path:
     """Write the output folder (module docstring) atomically; `extra_files` (name -> bytes) go with it."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+
+    def write(tmp: Path) -> None:
         np.save(tmp / "labels.npy", result.labels.astype(np.int32, copy=False))
         np.save(tmp / "distances.npy", result.distances.astype(np.float32, copy=False))
         np.save(tmp / "centroids.npy", result.centroids.astype(np.float32, copy=False))
@@ -335,17 +328,8 @@ def save_result(
         (tmp / "stats.json").write_text(json.dumps(result.stats, indent=1) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(Path(out), write, overwrite=overwrite)
 
 
 def load_result(out: str | os.PathLike) -> ClusterResult:

@@ -176,12 +176,11 @@ def cluster(
     """Cluster the features in FEATS (a store from `xdctools extract`) with k-means; write labels to OUT."""
     from xdctools.cluster import report
     from xdctools.cluster.kmeans import cluster_store, save_result
-    from xdctools.features.store import open_store
+    from xdctools.features.store import check_new_folder, open_store
 
     if labels_file is not None and shards is not None:
         raise click.UsageError("give --labels or --shards, not both")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_new_folder(out, overwrite)
     truth = true_labels(open_store(feats).read_index(), labels_file, shards)
 
     bars = _Bars()

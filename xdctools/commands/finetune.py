@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from xdctools.commands.train import recipe_arguments
+
 
 def recipe_overrides(
     overrides: tuple[str, ...], checkpoint: str | None, mode: str | None, svm: bool, lr_sweep: bool
@@ -46,14 +48,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 @click.command("finetune")
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a recipe field, e.g. --set optim.lr=0.01 or --set data.splits=[1] (repeatable).",
-)
+@recipe_arguments("--set optim.lr=0.01 or --set data.splits=[1]")
 @click.option(
     "--checkpoint",
     metavar="PATH|none",

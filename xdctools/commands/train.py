@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,22 @@ class Bars:
             self.bar = None
 
 
+def recipe_arguments(example: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The RECIPE argument and the repeatable `--set KEY=VALUE` override option (`example` in its help)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help=f"Override a recipe field, e.g. {example} (repeatable).",
+        )(command)
+        return click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))(command)
+
+    return decorate
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.3f}"
@@ -62,14 +79,7 @@ def format_result(result: Any, iterations: int) -> str:
 
 
 @click.command("train")
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a recipe field, e.g. --set clustering.k=512 (repeatable).",
-)
+@recipe_arguments("--set clustering.k=512")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder (default: run.out).")
 @click.option(
     "--resume/--no-resume",

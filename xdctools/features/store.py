@@ -16,6 +16,9 @@ rank a chunk-aligned range and `RowWriter` turns batches of any size into whole-
 
 Group attributes: `format`, `version`, `n`, `dims`, `dtype`, `chunk_rows`, `created`, plus the caller's
 `attrs` (by convention `checkpoint` digest, `iteration`, `params` of the extraction).
+
+A store is built in a temporary folder and renamed into place; `write_folder` does the same for the
+output folders of later stages (k-means results, montages).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +231,28 @@ def create_store(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return open_store(path, mode="r+")
+
+
+def check_new_folder(out: Path, overwrite: bool) -> None:
+    """InputError if `out` exists and may not be replaced; callers check before long work, too."""
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+def write_folder(out: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Build the folder `out` atomically: `write(tmp)` fills a hidden temp folder beside it, which is
+    then renamed into place (an old `out` is removed only after the swap, and only with `overwrite`)."""
+    check_new_folder(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -166,6 +166,14 @@ def _missing(path: str, set_name: str) -> dict:
     return {"path": path, "reason": "missing_file", "set": set_name}
 
 
+def _classes(
+    labels: list[str], classes_file: Path | None, source: Path
+) -> tuple[list[str], Callable[[str | None, str], int]]:
+    """The classes (`classes_file`'s, else `labels`, found in `source`) and their label -> index map."""
+    classes = labels if classes_file is None else load_classes(classes_file)
+    return classes, _indexer(classes, str(classes_file or source))
+
+
 def _indexer(classes: list[str], source: str) -> Callable[[str | None, str], int]:
     """label -> class index (-1 for None); an unknown label is an InputError naming `where`."""
     index = {name: i for i, name in enumerate(classes)}
@@ -223,8 +231,7 @@ def _plan_tree(root: Path, kind: str, classes_file: Path | None, set_name: str) 
     if classes_file is None and (root / CLASS_INDEX_NAME).is_file():
         classes_file = root / CLASS_INDEX_NAME
     labels = sorted({f.split("/", 1)[0] for f in files})
-    classes = labels if classes_file is None else load_classes(classes_file)
-    class_index = _indexer(classes, str(classes_file or root))
+    classes, class_index = _classes(labels, classes_file, root)
     jobs = []
     for f in files:
         label = f.split("/", 1)[0]
@@ -238,12 +245,9 @@ def _plan_kinetics(root: Path, csv_path: Path, classes_file: Path | None, set_na
     rows = ann.parse_kinetics_csv(_read_text(csv_path, "Kinetics csv"), str(csv_path), set_name)
     if not rows:
         raise InputError(f"{csv_path}: no rows")
-    if classes_file is None:
-        classes = sorted({r.label for r in rows if r.label is not None})
-        class_index = _indexer(classes, str(csv_path))
-    else:
-        classes = load_classes(classes_file)
-        class_index = _indexer(classes, str(classes_file))
+    classes, class_index = _classes(
+        sorted({r.label for r in rows if r.label is not None}), classes_file, csv_path
+    )
     index = _FileIndex(list_media(root, VIDEO_SUFFIXES))
     base = os.path.abspath(root)
     jobs, missing = [], []
@@ -317,8 +321,7 @@ def _plan_hmdb51(
         absent = [label for label in labels if (label, split) not in files]
         if absent:
             raise InputError(f"{folder}: split {split} has no file for class(es) {', '.join(absent)}")
-    classes = labels if classes_file is None else load_classes(classes_file)
-    class_index = _indexer(classes, str(classes_file or folder))
+    classes, class_index = _classes(labels, classes_file, folder)
     records = []
     for split in chosen:
         for label in labels:
@@ -412,12 +415,9 @@ def _plan_manifest(path: Path, classes_file: Path | None, set_name: str) -> Plan
         raise InputError(f"{path}: a manifest must be .csv or .jsonl, not {path.suffix or 'no suffix'!r}")
     if not records:
         raise InputError(f"{path}: no rows")
-    if classes_file is None:
-        classes = sorted({r.label for r in records if r.label is not None})
-        class_index = _indexer(classes, str(path))
-    else:
-        classes = load_classes(classes_file)
-        class_index = _indexer(classes, str(classes_file))
+    classes, class_index = _classes(
+        sorted({r.label for r in records if r.label is not None}), classes_file, path
+    )
     base = os.path.abspath(path.parent)
     jobs, missing = [], []
     for rec in records:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xdctools.errors import ConfigError, DataError, InputError
+from xdctools.errors import ConfigError, DataError
 
 SPATIAL_KEY = "stem.0.weight"
 TEMPORAL_KEY = "stem.3.weight"
@@ -332,17 +332,10 @@ def compose_sheet(
 
 def read_stem(path: str | os.PathLike) -> Stem:
     """Load a checkpoint on the CPU with weights_only=True (no pickled code runs) and find its stem."""
-    import torch
+    from trainer.models.weights import read_payload
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, pickle and weights_only errors all mean "unreadable"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"{path}: cannot read checkpoint ({reason})") from None
-    return find_stem(obj, source=str(path))
+    return find_stem(read_payload(path), source=str(path))
 
 
 def write_sheet(sheet: Sheet, path: str | os.PathLike) -> Path:

@@ -22,10 +22,8 @@ import io
 import json
 import os
 import re
-import shutil
 import tarfile
 import textwrap
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 
 from xdctools.cluster.report import purity, rank_clusters
 from xdctools.errors import ConfigError, DataError, InputError
+from xdctools.features.store import check_new_folder, write_folder
 from xdctools.inspect import DATASET_FILE, decode_mel, parse_idx, split_member
 from xdctools.shard import format as fmt
 
@@ -597,26 +596,11 @@ _SHOWING = {
 }
 
 
-def _write_folder(out: Path, files: dict[str, bytes], *, overwrite: bool) -> None:
-    """Write `files` (relative name -> bytes) into a temp folder beside `out`, then rename it into place."""
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        for name, data in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (relative name -> bytes) under `folder`, making subfolders as needed."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
 
 
 def write_montage(
@@ -646,8 +630,7 @@ def write_montage(
     if per_cluster < 1 or height < 16:
         raise ConfigError(f"--per-cluster must be >= 1 and --height >= 16 (got {per_cluster}, {height})")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_new_folder(out, overwrite)
     result = read_clusters(clusters_dir)
     shards = ShardSet(shards_dir, set_name)
     modality = _resolve_modality(modality, result.view)
@@ -744,5 +727,5 @@ def write_montage(
         files["montage.png"] = _montage_png(shown, len(head) - 1 if tail else None, images, shards.classes)
     files["montage.json"] = (json.dumps(numbers, indent=1) + "\n").encode()
     files["index.html"] = page.encode("utf-8")
-    _write_folder(out, files, overwrite=overwrite)
+    write_folder(out, lambda tmp: _write_files(tmp, files), overwrite=overwrite)
     return replace(summary, files=tuple(sorted(files)))
