@@ -25,6 +25,7 @@ setup(
         "webdataset>=0.2",
         "librosa>=0.10",
         "ffmpeg-python>=0.2",
+        "av>=12",  # in-process probing (10 ms instead of an ffprobe process) and frame decoding
         "click>=8.1",
         "zarr>=3.0",
         "numpy>=1.24",
@@ -39,7 +40,7 @@ setup(
         # faiss ships as two mutually exclusive wheels providing the same module.
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        "test": ["pytest>=7", "ruff>=0.5", "av>=12"],
+        "test": ["pytest>=7", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["xdctools=xdctools.cli:main"]},
 )

@@ -15,7 +15,19 @@ import pytest
 from xdctools.errors import ConfigError, InputError
 from xdctools.shard import format as fmt
 from xdctools.shard.jobs import Job
-from xdctools.shard.media import JobResult, cut_frames, output_size, probe, process_job, segment_counts
+from xdctools.shard.media import (
+    JobResult,
+    MediaFailure,
+    cut_frames,
+    output_size,
+    probe,
+    probe_summary,
+    process_job,
+    pyav_summary,
+    run_ffprobe,
+    segment_counts,
+    summarize,
+)
 from xdctools.shard.params import ShardParams
 
 SMALL = ShardParams(short_side=64)
@@ -319,6 +331,43 @@ def test_probe_summary_and_errors(media_dir: Path) -> None:
     assert probe(media_dir / "edge/no_duration.webm")["duration"] is None
     with pytest.raises(InputError, match=r"empty\.mp4: empty file"):
         probe(media_dir / "edge/empty.mp4")
+
+
+# Files the in-process probe leaves to ffprobe: unreadable ones, an image (a container not checked against
+# ffprobe), and one with subtitle tracks (newer libav leaves them out of the container duration).
+FFPROBE_ONLY = {
+    "edge/empty.mp4",
+    "edge/truncated_R6llTwEh07w.mp4",
+    "edge/jpeg_named_mp4.mp4",
+    "edge/nasa_13013.mp4",
+}
+
+
+def test_pyav_summary_equals_ffprobe_summary_on_every_file(media_dir: Path) -> None:
+    fallbacks = set()
+    files = sorted(p for p in media_dir.rglob("*") if p.is_file())
+    assert len(files) >= 29
+    for path in files:
+        rel = path.relative_to(media_dir).as_posix()
+        try:
+            reference: dict | tuple = summarize(run_ffprobe(path, 60))
+        except MediaFailure as exc:
+            reference = (exc.reason, exc.detail)
+        fast = pyav_summary(path, 60)
+        if fast is None:
+            fallbacks.add(rel)
+        else:
+            for key in reference:
+                assert fast[key] == reference[key], (rel, key)
+            assert fast == reference, rel
+        try:
+            combined: dict | tuple = probe_summary(path, 60)
+        except MediaFailure as exc:
+            combined = (exc.reason, exc.detail)
+        assert combined == reference, rel  # failures keep ffprobe's reason and detail text
+    assert fallbacks == FFPROBE_ONLY
+    assert pyav_summary(media_dir / "edge/fire2.mp4", 60)["video"]["rotation"] == 180
+    assert pyav_summary(media_dir / "edge/rotated_90.mov", 60)["video"]["rotation"] == 90
 
 
 # --- pure pieces --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One input file -> its samples (one ffprobe, one fused ffmpeg pass) or a specific failure reason."""
+"""One input file -> its samples (one in-process probe, one fused ffmpeg pass) or a failure reason."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -23,6 +25,11 @@ from xdctools.shard.jobs import Job
 from xdctools.shard.mel import log_mel
 from xdctools.shard.params import MAX_FPS, ShardParams
 from xdctools.shard.sample import build_samples
+
+try:  # PyAV is optional (it ships with the `test` extra); without it every file is probed by ffprobe
+    import av
+except ImportError:  # pragma: no cover - exercised only on installs without PyAV
+    av = None
 
 # Failure reasons: stable strings, counted in dataset.json and written to errors.jsonl.
 EMPTY_FILE = "empty_file"
@@ -57,6 +64,11 @@ VIDEO_PATTERN = "seg%04d"
 SEGMENT_LIST = "segments.csv"
 AUDIO_FILE = "audio.f32"
 _DECODE_ERROR = re.compile(r"^Error while decoding stream #0:(\d+)")
+# Demuxers whose PyAV (newer libav) summary was checked field by field against ffprobe on PATH; files of
+# any other container are probed by ffprobe. "mov,..." also needs `_mvhd_duration_us` (see there).
+PYAV_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpeg"})
+MOV_CONTAINER = "mov,mp4,m4a,3gp,3g2,mj2"
+AV_TIME_BASE = 1_000_000  # libav's internal time base (container durations are in microseconds)
 
 
 @dataclass
@@ -89,9 +101,20 @@ class MediaFailure(Exception):
 def probe(path: str | os.PathLike, timeout_s: float = 60.0) -> dict:
     """The summary of `path` (see `summarize`); InputError naming the file when it cannot be probed."""
     try:
-        return summarize(run_ffprobe(path, timeout_s))
+        return probe_summary(path, timeout_s)
     except MediaFailure as exc:
         raise InputError(f"{path}: {exc.reason.replace('_', ' ')}: {exc.detail}") from None
+
+
+def probe_summary(path: str | os.PathLike, timeout_s: float) -> dict:
+    """`summarize(run_ffprobe(path))`, read in-process by PyAV when it can vouch for every field.
+
+    ffprobe costs a process start and a libav load (~0.1 s) per file; PyAV opens the file in ~10 ms. Any
+    file PyAV cannot open, or whose summary may differ from ffprobe's, goes to ffprobe, so failure reasons
+    and their detail text are ffprobe's.
+    """
+    summary = pyav_summary(path, timeout_s)
+    return summary if summary is not None else summarize(run_ffprobe(path, timeout_s))
 
 
 def run_ffprobe(path: str | os.PathLike, timeout_s: float) -> dict:
@@ -168,6 +191,162 @@ def summarize(raw: dict) -> dict:
             "channel_layout": audio.get("channel_layout"),
         }
     return out
+
+
+def pyav_summary(path: str | os.PathLike, timeout_s: float) -> dict | None:
+    """The summary `summarize(run_ffprobe(path))` gives, read with PyAV; None when it may differ.
+
+    PyAV's fields are written out as ffprobe's JSON (same names, same number formatting) and go through
+    `summarize`. PyAV bundles a newer libav than the ffmpeg/ffprobe on PATH, so files where the two are
+    known or likely to disagree return None: a container outside PYAV_CONTAINERS, an MP4/QuickTime file
+    without a plain movie header duration (`_mvhd_duration_us`), any stream besides video and audio (the
+    newer libav leaves subtitle ends out of the container duration), no decodable first video frame (the
+    rotation is read from it), an unknown codec, pixel format or channel layout, or a legacy `rotate` tag.
+    """
+    if av is None:
+        return None
+    try:
+        if os.path.getsize(path) == 0:
+            return None
+        with av.open(str(path), metadata_errors="replace", timeout=timeout_s) as container:
+            raw = _pyav_raw(container)
+        if raw is not None and raw["format"]["format_name"] == MOV_CONTAINER:
+            duration_us = _mvhd_duration_us(path)
+            if duration_us is None:
+                return None
+            raw["format"]["duration"] = _ffprobe_time(duration_us, Fraction(1, AV_TIME_BASE))
+    except Exception:  # anything PyAV cannot read is ffprobe's to judge and explain
+        return None
+    return None if raw is None else summarize(raw)
+
+
+def _pyav_raw(container: av.container.InputContainer) -> dict | None:
+    """The part of ffprobe's -show_format -show_streams JSON that `summarize` reads; None when unsure."""
+    if container.format.name not in PYAV_CONTAINERS:
+        return None
+    streams = []
+    video_seen = False
+    for stream in container.streams:
+        kind = stream.type
+        ctx = stream.codec_context
+        if kind not in ("video", "audio") or ctx is None or stream.metadata.get("rotate") is not None:
+            return None
+        entry: dict = {
+            "index": stream.index,
+            "codec_type": kind,
+            "codec_name": ctx.codec.canonical_name,
+            "duration": _ffprobe_time(stream.duration, stream.time_base),
+            "nb_frames": str(stream.frames) if stream.frames else None,
+            "disposition": {
+                "attached_pic": int(bool(stream.disposition & av.stream.Disposition.attached_pic))
+            },
+            "tags": dict(stream.metadata),
+        }
+        if kind == "video":
+            if ctx.format is None or not ctx.width or not ctx.height:
+                return None
+            sar = stream.sample_aspect_ratio
+            entry.update(
+                width=ctx.width,
+                height=ctx.height,
+                sample_aspect_ratio=f"{sar.numerator}:{sar.denominator}" if sar else None,
+                pix_fmt=ctx.format.name,
+                avg_frame_rate=_ffprobe_rate(stream.average_rate),
+                r_frame_rate=_ffprobe_rate(stream.base_rate),
+            )
+            if not video_seen and not entry["disposition"]["attached_pic"]:
+                video_seen = True
+                rotation = _first_frame_rotation(container, stream)
+                if rotation is None:
+                    return None
+                if rotation:
+                    entry["side_data_list"] = [{"rotation": rotation}]
+        else:
+            layout = ctx.layout.name
+            if not ctx.sample_rate or not ctx.channels or re.fullmatch(r"\d+ channels", layout):
+                return None  # an unspecified channel order: ffprobe prints no layout
+            entry.update(sample_rate=str(ctx.sample_rate), channels=ctx.channels, channel_layout=layout)
+        streams.append(entry)
+    return {
+        "format": {
+            "format_name": container.format.name,
+            "duration": _ffprobe_time(container.duration, Fraction(1, AV_TIME_BASE)),
+            "size": str(container.size),
+        },
+        "streams": streams,
+    }
+
+
+def _first_frame_rotation(container: av.container.InputContainer, stream: av.VideoStream) -> int | None:
+    """The display matrix's counter-clockwise angle, as ffprobe's side data prints it; None if no frame.
+
+    PyAV does not expose the stream's display matrix, but the decoder attaches it to every frame.
+    """
+    stream.codec_context.thread_count = 1  # one frame: no thread pool to start
+    for frame in container.decode(stream):
+        return frame.rotation
+    return None
+
+
+def _mvhd_duration_us(path: str | os.PathLike) -> int | None:
+    """The MP4/QuickTime movie header's duration in microseconds, as ffprobe 5.1's mov demuxer states it.
+
+    That libav takes the container duration from `moov/mvhd` (rescaled, rounded to nearest); newer ones
+    compute it from the tracks, which differs by a few ms (or more when a subtitle track runs longer).
+    None when there is no plain first `moov` with an `mvhd`, the file is fragmented (`mvex`: the old
+    demuxer ignores mvhd then), or the header states no duration.
+    """
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        for kind, start, stop in _boxes(f, 0, end):
+            if kind != b"moov":
+                continue
+            children = list(_boxes(f, start, stop))
+            headers = [(body, child_end) for child, body, child_end in children if child == b"mvhd"]
+            if len(headers) != 1 or any(child == b"mvex" for child, _, _ in children):
+                return None
+            body, child_end = headers[0]
+            f.seek(body)
+            head = f.read(min(child_end - body, 32))
+            layout = ">B3xQQIQ" if head[:1] == b"\x01" else ">B3xIIII"
+            if len(head) < struct.calcsize(layout):
+                return None
+            version, _, _, scale, duration = struct.unpack_from(layout, head)
+            if version > 1 or scale <= 0 or duration <= 0 or (version == 0 and duration == 0xFFFFFFFF):
+                return None
+            return (duration * AV_TIME_BASE + scale // 2) // scale  # av_rescale, AV_ROUND_NEAR_INF
+    return None
+
+
+def _boxes(f: io.BufferedReader, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, body start, box end) of the ISO BMFF boxes between start and end; stops at a malformed one."""
+    pos = start
+    while pos + 8 <= end:
+        f.seek(pos)
+        size, kind = struct.unpack(">I4s", f.read(8))
+        header = 8
+        if size == 1:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return
+            size, header = struct.unpack(">Q", raw)[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < header or pos + size > end:
+            return
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+def _ffprobe_time(value: int | None, time_base: Fraction | None) -> str | None:
+    """ffprobe's rendering of a timestamp: value * av_q2d(time_base) printed with %f."""
+    if value is None or time_base is None:
+        return None
+    return f"{value * (time_base.numerator / time_base.denominator):f}"
+
+
+def _ffprobe_rate(rate: Fraction | None) -> str:
+    return "0/0" if rate is None else f"{rate.numerator}/{rate.denominator}"
 
 
 def _rotation(stream: dict) -> int:
@@ -469,7 +648,7 @@ class Transcoded:
 def process_job(job: Job, params: ShardParams) -> JobResult:
     """Turn one input file into its samples, or into a failure reason (never raises for a bad file)."""
     try:
-        summary = summarize(run_ffprobe(job.path, params.timeout_s))
+        summary = probe_summary(job.path, params.timeout_s)
         check_source(summary, job, params)
         fps = None if job.audio_only else output_fps(summary, params)
         size = (0, 0) if job.audio_only else output_size(**_size_args(summary), short_side=params.short_side)
