@@ -27,7 +27,6 @@ import os
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -459,8 +458,8 @@ def load_encoders(
     bn_eps: BatchNorm eps of a plain state dict's model; default 1e-3 for the XDC layout (the official
     weights come from Caffe2), 1e-5 for torchvision's. `modalities` restricts what is built.
     """
-    from trainer.models import AudioResNet, video_model_for
-    from trainer.models.weights import read_payload, unwrap_state_dict
+    from trainer.models import video_model_for
+    from trainer.models.weights import audio_model_for, read_payload, unwrap_state_dict
 
     path = Path(path)
     obj = read_payload(path)
@@ -495,21 +494,11 @@ def load_encoders(
         video_eps = eps if eps is not None else (1e-3 if layout == "xdc" else 1e-5)
         encoders["video"] = video_model_for(parts["video"], bn_eps=video_eps)
     if "audio" in wanted:
-        sd = parts["audio"]
-        keys = [f"layer{i}.0.conv1.weight" for i in range(1, 5)]
-        if any(k not in sd for k in keys):
-            raise DataError(f"{path}: the audio weights are not our audio ResNet-18 (no {keys[0]})")
         config = state.get("config", {}) if ours else {}
-        audio = AudioResNet(
-            planes=[sd[k].shape[0] for k in keys],
+        encoders["audio"] = audio_model_for(
+            parts["audio"],
+            source=str(path),
             maxpool=bool(config.get("audio_maxpool", False)),
-            norm_layer=partial(nn.BatchNorm2d, eps=eps if eps is not None else 1e-5),
+            bn_eps=eps if eps is not None else 1e-5,
         )
-        audio.width = sd[keys[0]].shape[0] / 64
-        try:
-            audio.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise DataError(f"{path}: the audio weights do not fit our audio ResNet-18 ({first})") from None
-        encoders["audio"] = audio
     return LoadedEncoders(encoders, source, None if iteration is None else int(iteration))

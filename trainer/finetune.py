@@ -45,7 +45,6 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,6 @@ from trainer.data import ClipSpec, Runtime, ShardSet, eval_loader, find_shards, 
 from trainer.extract import read_catalog
 from trainer.log import RunLogger
 from trainer.models import (
-    AudioResNet,
     Classifier,
     LinearHead,
     autocast,
@@ -80,9 +78,9 @@ from trainer.models import (
 )
 from trainer.models.weights import (
     StateDict,
+    audio_model_for,
     detect_layout,
     read_payload,
-    state_dict_diff,
     unwrap_state_dict,
 )
 from trainer.optim import LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
@@ -299,30 +297,6 @@ def encoder_state(payload: Any, modality: str, *, source: str) -> tuple[str, Sta
             f"{source}: training checkpoint holds no {modality} encoder (no encoders.{modality}.*)"
         )
     return kind, state, config
-
-
-def audio_model_for(
-    state: StateDict, *, source: str, maxpool: bool = False, bn_eps: float = 1e-5
-) -> nn.Module:
-    """The audio ResNet-18 matching a state dict (channels read from it), loaded strictly (all but fc)."""
-    keys = ["conv1.weight"] + [f"layer{i}.0.conv1.weight" for i in range(1, 5)]
-    absent = [k for k in keys if k not in state or state[k].ndim != 4]
-    if absent:
-        hint = " (it holds a video encoder)" if "stem.0.weight" in state else ""
-        raise DataError(f"{source}: not an audio ResNet state dict (no 4-D {', '.join(absent)}){hint}")
-    planes = [int(state[k].shape[0]) for k in keys[1:]]
-    model = AudioResNet(planes=planes, maxpool=maxpool, norm_layer=partial(nn.BatchNorm2d, eps=bn_eps))
-    model.width = planes[0] / 64
-    return _load_strict(model, state, source=source, what="audio ResNet-18")
-
-
-def _load_strict(model: nn.Module, state: StateDict, *, source: str, what: str) -> nn.Module:
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    diff = state_dict_diff(state, {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
-    if diff:
-        raise DataError(f"{source}: checkpoint does not fit the {what}: {diff}")
-    model.load_state_dict(state, strict=False)
-    return model
 
 
 def build_encoder(recipe: EvalRecipe) -> tuple[nn.Module, EncoderSource]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from trainer.models.audio import AudioResNet
 from trainer.models.blocks import Layout, midplanes
 from trainer.models.video import VideoResNet, r2plus1d_18
 from xdctools.errors import ConfigError, DataError, InputError
@@ -197,4 +199,28 @@ def video_model_for(
         config["num_classes"] = builder.pop("num_classes", None)
     model = r2plus1d_18(bn_eps=bn_eps, **config, **builder)
     _load(model, state, source=source, include_fc=include_fc)
+    return model
+
+
+def audio_model_for(
+    state: StateDict, *, source: str, maxpool: bool = False, bn_eps: float = 1e-5
+) -> nn.Module:
+    """The audio ResNet-18 matching a state dict (channels read from it), loaded strictly (all but fc)."""
+    keys = ["conv1.weight"] + [f"layer{i}.0.conv1.weight" for i in range(1, 5)]
+    absent = [k for k in keys if k not in state or state[k].ndim != 4]
+    if absent:
+        hint = " (it holds a video encoder)" if "stem.0.weight" in state else ""
+        raise DataError(f"{source}: not an audio ResNet state dict (no 4-D {', '.join(absent)}){hint}")
+    planes = [int(state[k].shape[0]) for k in keys[1:]]
+    model = AudioResNet(planes=planes, maxpool=maxpool, norm_layer=partial(nn.BatchNorm2d, eps=bn_eps))
+    model.width = planes[0] / 64
+    return _load_strict(model, state, source=source, what="audio ResNet-18")
+
+
+def _load_strict(model: nn.Module, state: StateDict, *, source: str, what: str) -> nn.Module:
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    diff = state_dict_diff(state, {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    if diff:
+        raise DataError(f"{source}: checkpoint does not fit the {what}: {diff}")
+    model.load_state_dict(state, strict=False)
     return model
