@@ -11,10 +11,10 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from media_helpers import decode
 
 from xdctools.commands.digits import digits
 from xdctools.digits import (
@@ -65,16 +65,6 @@ def tree(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def doc(tree: Path) -> dict:
     return json.loads((tree / "digits.json").read_text())
-
-
-def decode(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Frames uint8 (T, H, W, 3) and mono float32 audio with its rate, as a player sees them."""
-    with av.open(str(path)) as c:
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-    with av.open(str(path)) as c:
-        rate = c.streams.audio[0].sample_rate
-        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-    return frames, audio.astype(np.float32), rate
 
 
 def best_lag(signal: np.ndarray, template: np.ndarray) -> tuple[int, float]:

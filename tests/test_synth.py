@@ -6,11 +6,11 @@ import json
 import subprocess
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from matplotlib.colors import rgb_to_hsv
+from media_helpers import decode
 
 from xdctools.commands.synth import synth
 from xdctools.synth import (
@@ -23,16 +23,6 @@ from xdctools.synth import (
 )
 
 CLASSES, PER_CLASS, SECONDS, FPS, SIZE = 3, 2, 2.0, 25, (160, 120)
-
-
-def decode(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Frames uint8 (T, H, W, 3), mono float32 audio and its sample rate, as a player would see them."""
-    with av.open(str(path)) as c:
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-    with av.open(str(path)) as c:
-        rate = c.streams.audio[0].sample_rate
-        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-    return frames, audio.astype(np.float32), rate
 
 
 def ffprobe(path: Path) -> dict:
