@@ -24,6 +24,7 @@ from xdctools.digits import (
     Nuisance,
     choose_sources,
     digit_positions,
+    draw_nuisance,
     list_fsdd,
     load_mnist,
     make_digits,
@@ -196,6 +197,21 @@ def test_render_is_pure_and_seeded(mnist):
     assert a[1].shape == (16_000,) and a[1].dtype == np.float32 and np.abs(a[1]).max() <= 1
     with pytest.raises(ValueError, match="longer than the clip"):
         render_digit_video(images[0], np.zeros(20_000, np.float32), np.random.default_rng(1), **kw)
+
+
+def test_every_clip_window_of_a_default_video_hears_the_digit():
+    """With the default 2 s videos, the ±1 s audio window of any 8-frame clip overlaps the recording."""
+    rate, fps, seconds = 16_000, 25.0, DigitsParams().seconds
+    clip = 8 / fps
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        length = int(rng.integers(int(0.25 * rate), int(1.2 * rate)))
+        nz = draw_nuisance(rng, size=(128, 128), seconds=seconds, audio_samples=length, sample_rate=rate)
+        start, stop = nz.audio_offset_s, nz.audio_offset_s + length / rate
+        assert start >= 0 and stop <= seconds + 1e-9
+        for centre in np.linspace(clip / 2, seconds - clip / 2, 30):  # every clip position
+            overlap = min(stop, centre + 1) - max(start, centre - 1)
+            assert overlap >= min(0.2, length / rate / 2), (seed, centre, start, stop)
 
 
 def test_rerun_finishes_an_interrupted_set_with_identical_files(tree: Path, data, tmp_path: Path):

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from trainer import loop
 from trainer.checkpoint import list_checkpoints, load_checkpoint, unpack_array
 from trainer.step import LabelTables, balanced_weights, head_losses, summarise
+from xdctools.commands.compare import compare
 from xdctools.commands.train import train
 from xdctools.errors import ConfigError, DataError
 from xdctools.recipe import METHODS, load_recipe, parse_recipe
@@ -209,11 +210,21 @@ def test_xdc_iterations_end_to_end_with_heads_reset(shards: Path, tmp_path: Path
     again = loop.run(recipe)
     assert again.resumed_complete and again.iterations == result.iterations
 
+    # `xdctools compare` reads the finished run: random init = iteration 0, XDC = the final encoders
+    out = CliRunner().invoke(compare, [str(run), "-o", str(tmp_path / "table.md")])
+    assert out.exit_code == 0, out.output
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert out.output.splitlines() == lines
+    first, final = result.iterations[0], result.iterations[-1]
+    assert lines[2].startswith(f"| Random init | iteration 0 | 0 | {first['probe_video']:.3f} |")
+    assert lines[3].startswith(f"| XDC | run | 2 | {final['probe_video']:.3f} | {final['probe_audio']:.3f} |")
+
 
 DRIVER = """
 import sys, torch
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
+from xdctools.commands.compare import compare
 from xdctools.commands.train import train
 train(sys.argv[1:], standalone_mode=True)
 """

@@ -11,6 +11,7 @@ from xdctools import __version__
 # name -> "module:attribute"; modules import heavy dependencies (torch, DALI) only when run.
 COMMANDS: dict[str, str] = {
     "cluster": "xdctools.commands.cluster:cluster",
+    "compare": "xdctools.commands.compare:compare",
     "digits": "xdctools.commands.digits:digits",
     "extract": "xdctools.commands.extract:extract",
     "filters": "xdctools.commands.filters:filters",

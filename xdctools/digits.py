@@ -1,7 +1,8 @@
 """The audio-visual digits set: a moving MNIST digit with an FSDD recording of the same digit, as real MP4s.
 
 The digit is the only factor the two modalities share; handwriting, size, contrast, motion, background
-texture and noise (video) and speaker, loudness, timing and hiss (audio) are nuisance drawn per video.
+texture and noise (video) and speaker, loudness and timing (audio, over one fixed faint hiss) are
+nuisance drawn per video.
 It is the real check of XDC: cluster one modality, learn it from the other, probe the digit.
 
 Sources never cross splits. Train videos use FSDD recordings with index 5-49 (FSDD's own training set)
@@ -51,7 +52,8 @@ SPLITS = ("train", "test")
 FSDD_INDICES = {"train": range(5, 50), "test": range(0, 5)}  # FSDD's own convention
 MNIST_HALVES = {"train": range(0, 5000), "test": range(5000, 10_000)}  # of the 10,000 t10k images
 SAMPLE_RATE = 16_000
-DIGITS_VERSION = 1  # bump when the generator's output changes for the same params and data
+HISS = 0.002  # std of the audio's background noise
+DIGITS_VERSION = 2  # bump when the generator's output changes for the same params and data
 MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 
@@ -200,9 +202,13 @@ def draw_nuisance(
     texture = rng.uniform(4, 22)
     texture_cells = int(rng.integers(3, 9))
     frame_noise = rng.uniform(2, 9)
+    # The recording is centred on the video's middle (jitter ±0.1 s): the training loader's audio window
+    # is 2 s centred on the clip, so in a 2 s video every clip's window overlaps the spoken digit (a
+    # window of hiss alone would teach the audio encoder nothing about the digit).
     ns = max(1, round(seconds * sample_rate))
     slack = max(0, ns - audio_samples)
-    offset = int(rng.integers(0, slack + 1))
+    centre = ns / 2 + rng.uniform(-0.1, 0.1) * sample_rate
+    offset = int(np.clip(round(centre - audio_samples / 2), 0, slack))
     return Nuisance(
         digit_px=digit_px,
         x0=float(x0),
@@ -217,7 +223,10 @@ def draw_nuisance(
         frame_noise=float(frame_noise),
         audio_offset_s=offset / sample_rate,
         audio_peak=float(rng.uniform(0.3, 0.85)),
-        hiss=float(rng.uniform(0.001, 0.008)),
+        # One noise floor for every video: a random one would be the loudest thing in the silent half
+        # of each 2 s window and what randomly initialised audio features cluster by (measured: cluster
+        # NMI with the digit 0.15 with a random floor, 0.20 without), hiding the shared digit.
+        hiss=HISS,
     )
 
 
@@ -268,7 +277,7 @@ def render_digit_video(
     audio: np.ndarray,
     rng: np.random.Generator,
     *,
-    seconds: float = 3.0,
+    seconds: float = 2.0,
     fps: float = 25.0,
     size: tuple[int, int] = (128, 128),
     sample_rate: int = SAMPLE_RATE,
@@ -325,9 +334,9 @@ def render_digit_video(
 class DigitsParams:
     """Everything that decides the set's content, besides the FSDD and MNIST files themselves."""
 
-    per_digit_train: int = 40
-    per_digit_test: int = 15
-    seconds: float = 3.0
+    per_digit_train: int = 200  # FSDD has 270 train recordings per digit: none is used twice
+    per_digit_test: int = 30  # all of FSDD's test split (6 speakers x indices 0-4)
+    seconds: float = 2.0
     fps: float = 25.0
     size: tuple[int, int] = (128, 128)
     sample_rate: int = SAMPLE_RATE

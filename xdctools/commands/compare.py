@@ -1,0 +1,30 @@
+"""`xdctools compare RUN...`: finished pretraining runs in one table (the paper's Table 1 view)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from xdctools.compare import compare_rows, load_run, render_markdown
+from xdctools.synth import write_text_atomic
+
+
+@click.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here (.md)."
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Rows as JSON.")
+def compare(runs: tuple[Path, ...], output: Path | None, json_out: Path | None) -> None:
+    """Linear-probe accuracy and cluster NMI of the final encoders of each RUN (folders written by
+    `xdctools train` with probe on), with a first row for the random encoders every run starts from.
+    """
+    rows = compare_rows([load_run(r) for r in runs])
+    table = render_markdown(rows)
+    if output is not None:
+        write_text_atomic(output, table)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(rows, indent=1) + "\n")
+    click.echo(table, nl=False)
