@@ -28,6 +28,7 @@ from trainer.finetune import (
     open_sets,
     read_dataset,
     resolve_splits,
+    run_dir,
     run_finetune,
     set_mode,
     summarise_sweep,
@@ -367,21 +368,21 @@ run: {{out: {out}, keep_checkpoints: 2}}
     assert result.exit_code == 0, result.output
     assert "best lr" in result.output and "test accuracy" in result.output
     entries = read_results(out)
-    assert [(e["method"], e["dataset"], e["column"]) for e in entries] == [("Scratch", "tiny", "all")]
+    assert [(e["method"], e["dataset"], e["column"]) for e in entries] == [("Scratch", "tiny-video", "all")]
     entry = entries[0]
     assert [row["lr"] for row in entry["sweep"]] == [0.01, 0.05] and entry["best_lr"] in (0.01, 0.05)
     assert entry["accuracy"] == max(row["mean"] for row in entry["sweep"])
     for lr in ("0.01", "0.05"):
-        folder = out / "tiny" / "scratch" / "full" / f"lr{lr}" / "split1"
+        folder = out / "tiny-video" / "scratch" / "full" / f"lr{lr}" / "split1"
         done = json.loads((folder / "result.json").read_text())
         assert done["videos"] == 2 and done["accuracy"] in (0.0, 0.5, 1.0)
         lines = (folder / "predictions.csv").read_text().splitlines()
         assert lines[0].startswith("video,name,label") and len(lines) == 3
     md = (out / "results.md").read_text()
-    assert "| Method | Pretraining | TINY all |" in md and "| Scratch | None |" in md and "**lr " in md
+    assert "| Method | Pretraining | TINY video all |" in md and "| Scratch | None |" in md and "**lr " in md
 
     # a rerun skips what is done; a lost result resumes from the last epoch's checkpoint
-    folder = out / "tiny" / "scratch" / "full" / "lr0.05" / "split1"
+    folder = out / "tiny-video" / "scratch" / "full" / "lr0.05" / "split1"
     (folder / "result.json").unlink()
     result = runner.invoke(finetune, [str(path), "--lr-sweep"])
     assert result.exit_code == 0, result.output
@@ -415,7 +416,7 @@ run: {{out: {out}, keep_checkpoints: 2}}
         ],
     )
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("XDC on TINY (fc):")
+    assert result.output.startswith("XDC on TINY video (fc):")
     table = {(e["method"], e["column"]): e for e in read_results(out)}
     assert set(table) == {("Scratch", "all"), ("XDC", "fc")}
     assert table[("XDC", "fc")]["checkpoint_kind"] == "xdctools"
@@ -449,6 +450,28 @@ def test_results_table_merges_rows_and_marks_partial_splits(tmp_path: Path) -> N
     (tmp_path / "results.json").write_text("[]")
     with pytest.raises(DataError, match="not a results table"):
         merge_entry(tmp_path, entry)
+
+
+def test_a_set_evaluated_with_both_encoders_keeps_two_cells_and_two_folders(tmp_path: Path) -> None:
+    base = (
+        "name: d\ndataset: {}\nmode: fc\noptim: {{lr: 0.1, epoch_size: 64}}\n"
+        "data: {{shards: s, modality: {}, splits: [1], split_layout: train-test}}"
+    )
+    video, audio = (parse_eval_recipe(base.format("digits", m)) for m in ("video", "audio"))
+    assert (video.table_name, audio.table_name) == ("digits-video", "digits-audio")
+    assert (video.title, audio.title) == ("DIGITS video", "DIGITS audio")
+    assert run_dir(video) != run_dir(audio)
+    ucf = parse_eval_recipe(base.format("ucf101", "video"))
+    assert (ucf.table_name, ucf.title, run_dir(ucf).parts[-3]) == ("ucf101", "UCF101", "ucf101")
+    for recipe, acc in ((video, 0.3), (audio, 0.6)):
+        merge_entry(tmp_path, summarise_sweep(recipe, EncoderSource("scratch"), [_done(acc)], ["split1"]))
+    assert "| Scratch | None | 60.0 | 30.0 |" in (tmp_path / "results.md").read_text()
+
+
+def _done(acc: float):
+    from trainer.finetune import SplitResult
+
+    return SplitResult("split1", 0.1, acc, 10, int(10 * acc), 8, 0.1, 1.0, "d")
 
 
 # --- audio-only sets (ESC-50) ------------------------------------------------------------------

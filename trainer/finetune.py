@@ -491,8 +491,9 @@ def slug(text: str) -> str:
 
 
 def run_dir(recipe: EvalRecipe) -> Path:
-    """`<run.out>/<dataset>/<method>/<mode>`: everything one run writes besides the merged table."""
-    return Path(recipe.run.out) / recipe.dataset / slug(recipe.model.row) / recipe.mode
+    """`<run.out>/<dataset>/<method>/<mode>` (dataset as `table_name`): what one run writes besides the
+    merged table."""
+    return Path(recipe.run.out) / recipe.table_name / slug(recipe.model.row) / recipe.mode
 
 
 @dataclass
@@ -888,7 +889,7 @@ def entry_record(
     return {
         "method": recipe.model.row,
         "pretraining": recipe.model.pretraining or ("None" if source.kind == "scratch" else "-"),
-        "dataset": recipe.dataset,
+        "dataset": recipe.table_name,
         "title": recipe.title,
         "column": recipe.column,
         "accuracy": float(accuracy),

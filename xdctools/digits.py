@@ -223,9 +223,9 @@ def draw_nuisance(
         frame_noise=float(frame_noise),
         audio_offset_s=offset / sample_rate,
         audio_peak=float(rng.uniform(0.3, 0.85)),
-        # One noise floor for every video: a random one would be the loudest thing in the silent half
-        # of each 2 s window and what randomly initialised audio features cluster by (measured: cluster
-        # NMI with the digit 0.15 with a random floor, 0.20 without), hiding the shared digit.
+        # One noise floor for every video: a random one fills the silent half of each 2 s window and is
+        # what randomly initialised audio features cluster by (measured on 300 videos: k-means NMI of
+        # random width-0.125 features with the digit 0.15 with a random floor, 0.20 without).
         hiss=HISS,
     )
 

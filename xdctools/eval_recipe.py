@@ -257,10 +257,25 @@ class EvalRecipe(Section):
         return self
 
     @property
-    def title(self) -> str:
-        """The dataset as the paper's tables spell it (UCF101, ESC50), else its name upper-cased."""
+    def own_modality(self) -> bool:
+        """Whether the encoder is the dataset's own (video for UCF101, audio for ESC-50). Sets the paper
+        does not fix (`digits`, a user's own) have no own modality: both encoders can be evaluated."""
         info = DATASETS.get(self.dataset)
-        return info.title if info is not None else self.dataset.upper()
+        return info is not None and info.modality == self.data.modality
+
+    @property
+    def table_name(self) -> str:
+        """The dataset as results are keyed and filed: `ucf101`, or `digits-audio` beside `digits-video`
+        when either encoder can be evaluated, so the two never share a cell or a run folder."""
+        return self.dataset if self.own_modality else f"{self.dataset}-{self.data.modality}"
+
+    @property
+    def title(self) -> str:
+        """The dataset as the paper's tables spell it (UCF101, ESC50), else its name upper-cased; with
+        the modality when the dataset has no own one ("DIGITS audio")."""
+        info = DATASETS.get(self.dataset)
+        name = info.title if info is not None else self.dataset.upper()
+        return name if self.own_modality else f"{name} {self.data.modality}"
 
     @property
     def column(self) -> str:
