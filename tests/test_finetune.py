@@ -188,6 +188,37 @@ def test_fc_only_keeps_the_encoder_and_bn_stats_full_finetuning_changes_them(
             assert not torch.equal(after["stem.0.weight"], pretrained["stem.0.weight"])
 
 
+class _Features(torch.nn.Module):
+    """Encoder whose pooled features are its input: the head alone is under test."""
+
+    feature_dim = 8
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_head_norm_reaches_features_with_a_tiny_spread() -> None:
+    # Separable features with a spread of 0.007 around 0.23, as the digits XDC audio encoder gives.
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (512,), generator=gen)
+    x = 0.23 + 0.007 * (torch.randn(512, 8, generator=gen) + 2.0 * (2 * y[:, None] - 1))
+    accuracy = {}
+    for norm in (False, True):
+        torch.manual_seed(0)
+        model = make_classifier(_Features(), 2, "fc", head_norm=norm)
+        assert isinstance(model.head, torch.nn.Sequential) == norm
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+        for i in range(48):  # the digits fc schedule: 48 steps of 32
+            batch = slice(32 * (i % 16), 32 * (i % 16) + 32)
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        accuracy[norm] = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy[True] > 0.95 and accuracy[False] < 0.75, accuracy
+
+
 def test_video_prediction_is_the_mean_of_its_clips_softmax(synth_shards: Path) -> None:
     shards = open_sets(synth_shards, ["split1-test"], video=True)
     torch.manual_seed(1)

@@ -138,6 +138,9 @@ class Model(Section):
     # BatchNorm eps; null: 1e-3 for a bare XDC-layout state dict (the official Caffe2 weights), else 1e-5.
     bn_eps: float | None = Field(default=None, gt=0.0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    # BatchNorm (no affine) on the features before the linear layer, as MAE's linear probing; the paper's
+    # fc-only is a bare linear layer (false).
+    head_norm: bool = False
 
     @property
     def row(self) -> str:
