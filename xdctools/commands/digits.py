@@ -19,19 +19,23 @@ DEFAULT_MNIST = Path("../shared/data/mnist")
 @click.option(
     "--per-digit-train",
     type=click.IntRange(min=1),
-    default=200,
+    default=DigitsParams.per_digit_train,
     show_default=True,
     help="Train videos per digit (FSDD index 5-49, MNIST t10k 0-4999).",
 )
 @click.option(
     "--per-digit-test",
     type=click.IntRange(min=1),
-    default=30,
+    default=DigitsParams.per_digit_test,
     show_default=True,
     help="Test videos per digit (FSDD index 0-4, MNIST t10k 5000-9999).",
 )
 @click.option(
-    "--seconds", type=click.FloatRange(0.5, 60), default=2.0, show_default=True, help="Length of each video."
+    "--seconds",
+    type=click.FloatRange(0.5, 60),
+    default=DigitsParams.seconds,
+    show_default=True,
+    help="Length of each video.",
 )
 @click.option("--fps", type=click.FloatRange(1, 120), default=25.0, show_default=True, help="Frame rate.")
 @click.option("--size", type=FrameSize(), default="128x128", show_default=True, help="Frame size WxH.")
