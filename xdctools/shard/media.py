@@ -26,7 +26,7 @@ from xdctools.shard.mel import log_mel
 from xdctools.shard.params import MAX_FPS, ShardParams
 from xdctools.shard.sample import build_samples
 
-try:  # PyAV is optional (it ships with the `test` extra); without it every file is probed by ffprobe
+try:  # PyAV is a runtime dependency (setup.py); an install without it still works, probing by ffprobe
     import av
 except ImportError:  # pragma: no cover - exercised only on installs without PyAV
     av = None
