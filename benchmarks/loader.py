@@ -104,7 +104,14 @@ class PyAVClips(torch.utils.data.Dataset):
         video = (video - self.mean) / self.std
 
         mel = np.load(io.BytesIO(raw[fmt.MEL_EXT]))
-        col = fmt.clip_mel_start(start, span, Fraction(info["fps_num"], info["fps_den"]))
+        col = fmt.clip_mel_start(
+            start,
+            span,
+            Fraction(info["fps_num"], info["fps_den"]),
+            segment_start=info["start_frame"],
+            video_frames=info["video_frames"],
+            mel_frames=info["mel_frames"],
+        )
         window = np.full((fmt.N_MELS, fmt.WINDOW_FRAMES), fmt.TOP_DB_FLOOR, dtype=np.float32)
         part = mel[:, col : col + fmt.WINDOW_FRAMES]
         window[:, : part.shape[1]] = part

@@ -33,7 +33,7 @@ from xdctools.shard import format as fmt
 from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan
 from xdctools.shard.run import run_shard
-from xdctools.synth import SynthParams, synthesize, write_flash_click
+from xdctools.synth import SynthParams, encode_mp4, synthesize, write_flash_click
 
 FLASH_TIME = 2.5  # seconds, in a 5 s video at 25 fps: frames 62, 63, 64 are white
 FLASH_FPS = 25
@@ -66,6 +66,15 @@ def flash(tmp_path_factory) -> Path:
     """One 5 s video, dark and silent except a white flash and a click at FLASH_TIME."""
     root = tmp_path_factory.mktemp("flash")
     write_flash_click(root / "videos" / "flash" / "flash.mp4", FLASH_TIME, seconds=5.0, fps=FLASH_FPS)
+    return _shard(root / "videos", root / "shards")
+
+
+@pytest.fixture(scope="module")
+def ramp(tmp_path_factory) -> Path:
+    """One 2 s silent video, dark on the left and bright on the right: a mirrored clip is visible."""
+    root = tmp_path_factory.mktemp("ramp")
+    frames = np.broadcast_to(np.linspace(0, 255, 128, dtype=np.uint8)[None, None, :, None], (50, 128, 128, 3))
+    encode_mp4(root / "videos" / "ramp" / "ramp.mp4", frames, np.zeros(32_000), fps=25, sample_rate=16_000)
     return _shard(root / "videos", root / "shards")
 
 
@@ -350,7 +359,14 @@ def test_eval_gives_n_aligned_clips_per_video_in_order(synth: Path) -> None:
             )
             info = infos[seg]
             local = frames[row] - info["start_frame"]
-            col = fmt.clip_mel_start(local, 8, Fraction(info["fps_num"], info["fps_den"]))
+            col = fmt.clip_mel_start(
+                local,
+                8,
+                Fraction(info["fps_num"], info["fps_den"]),
+                segment_start=info["start_frame"],
+                video_frames=info["video_frames"],
+                mel_frames=info["mel_frames"],
+            )
             window = np.full((40, 100), fmt.TOP_DB_FLOOR, dtype=np.float32)
             part = mels[seg][:, col : col + 100].astype(np.float32)
             window[:, : part.shape[1]] = part
@@ -405,3 +421,16 @@ def test_eval_clips_hear_what_they_show(flash: Path) -> None:
     rows = _rows(eval_loader(shards, batch_size=2, num_clips=40, clip=ClipSpec(crop=96, stride=2)))
     assert rows["clip"].tolist() == list(range(40))
     assert _flash_and_click(rows, stride=2) >= 3
+
+
+def test_flip_off_keeps_every_training_clip_unmirrored(ramp: Path) -> None:
+    shards = find_shards(ramp, "train")
+
+    def left_darker(flip: bool) -> torch.Tensor:
+        loader = train_loader(shards, batch_size=8, epoch_size=32, clip=SMALL, run=Runtime(seed=5), flip=flip)
+        video = torch.cat([b["video"] for b in loader])  # (32, 3, L, 112, 112)
+        return video[..., :56].mean(dim=(1, 2, 3, 4)) < video[..., 56:].mean(dim=(1, 2, 3, 4))
+
+    assert left_darker(flip=False).all()
+    mirrored = ~left_darker(flip=True)  # the default: about half the clips mirrored
+    assert 0 < mirrored.sum() < 32

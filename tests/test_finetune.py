@@ -216,6 +216,10 @@ def test_head_norm_reaches_features_with_a_tiny_spread() -> None:
             opt.step()
         model.eval()
         accuracy[norm] = (model(x).argmax(1) == y).float().mean().item()
+        if norm:  # test-time statistics are the features' own, not a decayed start value of 1
+            bn = model.head[0]
+            torch.testing.assert_close(bn.running_mean, x.mean(0), rtol=0, atol=1e-3)
+            torch.testing.assert_close(bn.running_var, x.var(0), rtol=0.15, atol=0)
     assert accuracy[True] > 0.95 and accuracy[False] < 0.75, accuracy
 
 

@@ -152,3 +152,25 @@ def test_silent_track_gives_a_floor_mel(tmp_path: Path) -> None:
     )
     assert strict.reason == "silent_audio"
     assert audio_only_mel(np.zeros((fmt.N_MELS, 0), np.float32), SR).shape == (fmt.N_MELS, 150)
+
+
+def test_clip_window_is_centred_and_stays_inside_the_video() -> None:
+    fps, pad, width = Fraction(25), fmt.MEL_PAD_FRAMES, fmt.WINDOW_FRAMES
+
+    def start(clip_start: int, *, segment_start: int = 0, frames: int = 100, video_frames: int = 100) -> int:
+        mel = fmt.segment_mel_frames(frames, fps)
+        kw = {"segment_start": segment_start, "video_frames": video_frames, "mel_frames": mel}
+        return fmt.clip_mel_start(clip_start, 8, fps, **kw)
+
+    # 4 s video, one segment: video time t is stored column pad + rate t
+    rate = fmt.MEL_FPS
+    assert start(46) == pad + 1 * rate  # clip centre 2.0 s: centred, the window is 1.0-3.0 s
+    assert start(0) == pad  # centred would start at -0.84 s: shifted to the video's start
+    assert start(92) == pad + 4 * rate - width  # and at its end
+    for clip in range(0, 93):  # the clip's own span always lies inside its window
+        first, last = (pad + Fraction(f * rate, 25) for f in (clip, clip + 8))
+        assert start(clip) <= first and last <= start(clip) + width
+    # the second segment (frames 64-99) of the same video: its stored mel starts at 64/25 - 1 s
+    assert start(28, segment_start=64, frames=36) == pad + 4 * rate - width - round(Fraction(64 * rate, 25))
+    # a 1.2 s video is shorter than the window: centred on the clip (0.6 s), padded with silence
+    assert start(11, frames=30, video_frames=30) == pad + round(0.6 * rate) - width // 2

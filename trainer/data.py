@@ -5,7 +5,8 @@ its `info.npy` gives the numbers the graph needs, so clip positions are computed
 (the arithmetic mirrors `trainer.sampling`, which the tests compare against), the clip's frames are
 decoded by `fn.decoders.video` with a per-sample frame list (DALI's CPU decoder cannot seek, so a
 clip costs the frames before it in its segment, at most `segment_frames`), and the audio window of
-WINDOW_FRAMES mel frames centred on the clip is cut from the segment's stored mel with `fn.slice`.
+WINDOW_FRAMES mel frames centred on the clip (shifted inside the video near its ends:
+`format.clip_mel_start`) is cut from the segment's stored mel with `fn.slice`.
 
 Modes (what a sample yields):
   train    one clip at a random start, random crop, random flip, optional spectrogram masking
@@ -281,6 +282,7 @@ def build_pipeline(
     run: Runtime = Runtime(),
     num_clips: int = 10,
     spec_augment: bool = False,
+    flip: bool = True,
 ):
     """The DALI pipeline of `mode` (see the module docstring); outputs are named by `output_names`."""
     from nvidia.dali import fn
@@ -333,9 +335,7 @@ def build_pipeline(
         mel = fn.decoders.numpy(members[1])
         fields = _sample_fields(info)
         starts, ids = _clip_starts(fields, mode, clip.span, clips)
-        # format.clip_mel_start in integers: round((start + span/2) / fps * MEL_FPS)
-        fps_num, fps_den = fields["fps_num"], fields["fps_den"]
-        mel_starts = _round_half_even((2 * starts + clip.span) * fmt.MEL_FPS * fps_den, 2 * fps_num)
+        mel_starts = _mel_starts(fields, starts, clip.span)
         audio = _audio_windows(mel, mel_starts, clips, clip, spec_augment and train)
         outputs = {
             "audio": audio,
@@ -349,7 +349,7 @@ def build_pipeline(
             outputs["frame"] = fn.pad(outputs["frame"], axes=(0,), fill_value=-1)
             outputs["audio"] = fn.pad(audio, axes=(0,), fill_value=0.0)
         if clip.video:
-            video = _video_clips(members[2], starts, ids, clip, run, mode)
+            video = _video_clips(members[2], starts, ids, clip, run, mode, flip=flip)
             outputs["video"] = fn.pad(video, axes=(1,), fill_value=0.0) if mode == "eval" else video
         if run.device == "gpu":
             outputs["audio"] = outputs["audio"].gpu()
@@ -441,6 +441,22 @@ def _clip_starts(fields: dict, mode: Mode, span: int, num_clips: int):
     return local, cut(k) * has + (has - 1)
 
 
+def _mel_starts(fields: dict, starts, span: int):
+    """int64 (M,): `format.clip_mel_start` of each clip, in integers: the centred window's column
+    round((start + span/2) / fps * MEL_FPS), shifted inside the video's audio when it is long enough."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    num, den = fields["fps_num"], fields["fps_den"]
+    centred = _round_half_even((2 * starts + span) * fmt.MEL_FPS * den, 2 * num)
+    origin = fmt.MEL_PAD_FRAMES - _round_half_even(fields["start_frame"] * fmt.MEL_FPS * den, num)
+    end = origin + _round_half_even(fields["video_frames"] * fmt.MEL_FPS * den, num)
+    lo = dmath.max(origin, 0)
+    hi = dmath.min(end, fields["mel_frames"]) - fmt.WINDOW_FRAMES
+    fits = fn.cast(lo <= hi, dtype=types.INT64)
+    return centred + fits * (dmath.min(dmath.max(centred, lo), hi) - centred)
+
+
 def _round_half_even(num, den):
     """num / den rounded as Python's round() does (ties to even), elementwise on int64 DataNodes."""
     from nvidia.dali import fn, types
@@ -493,11 +509,12 @@ def _band_mask(size: int, max_width: int, shape: tuple[int, ...]):
     return fn.cast((pos < start) | (pos >= start + width), dtype=types.FLOAT)
 
 
-def _video_clips(encoded, starts, ids, clip: ClipSpec, run: Runtime, mode: Mode):
+def _video_clips(encoded, starts, ids, clip: ClipSpec, run: Runtime, mode: Mode, *, flip: bool = True):
     """float32 (3, M*L, crop, crop): the clips' frames decoded, resized, cropped, flipped, normalised.
 
     Frames past the segment's end repeat its last frame (pad_mode="edge"), so a segment shorter
-    than a clip still yields a full clip.
+    than a clip still yields a full clip. `flip=False` keeps training clips unmirrored, for content
+    whose meaning a mirror changes (handwritten digits, text).
     """
     from nvidia.dali import fn, types
 
@@ -516,7 +533,7 @@ def _video_clips(encoded, starts, ids, clip: ClipSpec, run: Runtime, mode: Mode)
         crop=(clip.crop, clip.crop),
         crop_pos_x=fn.random.uniform(range=[0.0, 1.0]) if train else 0.5,
         crop_pos_y=fn.random.uniform(range=[0.0, 1.0]) if train else 0.5,
-        mirror=fn.random.coin_flip() if train else 0,
+        mirror=fn.random.coin_flip() if train and flip else 0,
         mean=[255.0 * m for m in clip.mean],
         std=[255.0 * s for s in clip.std],
         dtype=types.FLOAT,
@@ -642,12 +659,13 @@ def train_loader(
     clip: ClipSpec = ClipSpec(),
     run: Runtime = Runtime(),
     spec_augment: bool = False,
+    flip: bool = True,
 ) -> TrainLoader:
     """Random clips with augmentation; `epoch_size` in clips over all ranks (default: one per segment)."""
     epoch = len(shards) if epoch_size is None else epoch_size
     steps = sampling.batches_per_epoch(epoch, batch_size, run.world_size)
     pipe = build_pipeline(
-        shards, "train", batch_size=batch_size, clip=clip, run=run, spec_augment=spec_augment
+        shards, "train", batch_size=batch_size, clip=clip, run=run, spec_augment=spec_augment, flip=flip
     )
     return TrainLoader(pipe, shards, clip, run, batch_size, steps, steps * batch_size)
 

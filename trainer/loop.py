@@ -483,6 +483,7 @@ def train_epoch(s: Session, state: State, tables: LabelTables) -> None:
         clip=s.clip,
         run=s.runtime(seed=derived_seed(recipe.seed, it, state.epoch, 2)),
         spec_augment=recipe.data.spec_augment,
+        flip=recipe.data.flip,
     )
     keys = s.learner.head_keys
     sums = torch.zeros(len(keys), 5, dtype=torch.float64, device=s.device)

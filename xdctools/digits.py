@@ -202,9 +202,9 @@ def draw_nuisance(
     texture = rng.uniform(4, 22)
     texture_cells = int(rng.integers(3, 9))
     frame_noise = rng.uniform(2, 9)
-    # The recording is centred on the video's middle (jitter ±0.1 s): the training loader's audio window
-    # is 2 s centred on the clip, so in a 2 s video every clip's window overlaps the spoken digit (a
-    # window of hiss alone would teach the audio encoder nothing about the digit).
+    # The recording is centred on the video's middle (jitter ±0.1 s): the loaders' 2 s audio window
+    # holds the clip (in a 2 s video, the whole video), so every clip's window hears the spoken digit
+    # (a window of hiss alone would teach the audio encoder nothing about the digit).
     ns = max(1, round(seconds * sample_rate))
     slack = max(0, ns - audio_samples)
     centre = ns / 2 + rng.uniform(-0.1, 0.1) * sample_rate

@@ -109,6 +109,7 @@ class Data(Section):
     # Frames are resized to this short side before cropping; null keeps the stored size (256 in the paper).
     short_side: int | None = Field(default=None, ge=8)
     spec_augment: bool = False  # audio training clips: light SpecAugment (trainer.data)
+    flip: bool = True  # random horizontal flip of video training clips; off where a mirror changes the class
     num_threads: int = Field(default=4, ge=1)
     prefetch: int = Field(default=2, ge=1)
 

@@ -112,6 +112,7 @@ class Data(Section):
     num_threads: int = Field(default=4, ge=1)
     prefetch: int = Field(default=2, ge=1)
     spec_augment: bool = False
+    flip: bool = True  # random horizontal flip of training clips; off where a mirror changes the class
 
     @model_validator(mode="after")
     def _crop_fits(self) -> Data:

@@ -104,15 +104,32 @@ def segment_mel_origin(start_frame: int, fps: Fraction) -> int:
     return round(start_frame / fps * MEL_FPS) - MEL_PAD_FRAMES
 
 
-def clip_mel_start(clip_start: int, clip_span: int, fps: Fraction | float) -> int:
-    """Start column, in a segment's stored mel, of the WINDOW_FRAMES window centred on a clip.
+def clip_mel_start(
+    clip_start: int,
+    clip_span: int,
+    fps: Fraction | float,
+    *,
+    segment_start: int,
+    video_frames: int,
+    mel_frames: int,
+) -> int:
+    """Start column, in a segment's stored mel, of the WINDOW_FRAMES audio window of a clip.
 
-    `clip_start` is the clip's first frame within the segment and `clip_span` the frames it
-    covers (`length * stride`). The window is centred on the clip's centre time tc (seconds from
-    the segment start); with the stored pad of MEL_PAD_FRAMES it starts at round(tc * MEL_FPS).
+    `clip_start` is the clip's first frame within the segment, `clip_span` the frames it covers
+    (`length * stride`), `segment_start` the segment's first frame in the video, `mel_frames` the
+    width of its stored mel. The window is centred on the clip's centre time tc (with the stored pad
+    of MEL_PAD_FRAMES it starts at round(tc * MEL_FPS), ties to even), then shifted to lie inside the
+    video and the stored mel where both are at least a window long: a clip within 1 s of either end
+    hears the video's audio rather than a pad of silence, which would otherwise be the strongest
+    thing an audio encoder sees (the digits set: 9x the feature spread of centred windows), and a
+    clip shorter than the window stays inside it. A shorter video keeps the centred, padded window.
     """
-    centre = (clip_start + clip_span / 2) / float(fps)
-    return round(centre * MEL_FPS)
+    fps = Fraction(fps)
+    centred = round(Fraction(2 * clip_start + clip_span) * MEL_FPS / (2 * fps))
+    origin = MEL_PAD_FRAMES - round(Fraction(segment_start) * MEL_FPS / fps)  # column of time 0
+    end = origin + round(Fraction(video_frames) * MEL_FPS / fps)  # column of the video's end
+    lo, hi = max(origin, 0), min(end, mel_frames) - WINDOW_FRAMES
+    return min(max(centred, lo), hi) if lo <= hi else centred
 
 
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
