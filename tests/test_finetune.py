@@ -20,6 +20,7 @@ from trainer.data import ClipSpec, Runtime, eval_loader, train_loader
 from trainer.finetune import (
     ClipRows,
     EncoderSource,
+    SplitResult,
     build_encoder,
     clip_probabilities,
     encoder_state,
@@ -503,9 +504,7 @@ def test_a_set_evaluated_with_both_encoders_keeps_two_cells_and_two_folders(tmp_
     assert "| Scratch | None | 60.0 | 30.0 |" in (tmp_path / "results.md").read_text()
 
 
-def _done(acc: float):
-    from trainer.finetune import SplitResult
-
+def _done(acc: float) -> SplitResult:
     return SplitResult("split1", 0.1, acc, 10, int(10 * acc), 8, 0.1, 1.0, "d")
 
 

@@ -716,10 +716,10 @@ def make_classifier(encoder: nn.Module, num_classes: int, mode: str, head_norm: 
     (momentum None): the default exponential one starts from variance 1 and after 48 steps still holds
     0.9**48 = 0.006 of it, 60x the true variance of such features, so test logits were all bias.
     """
-    linear = LinearHead(encoder.feature_dim, num_classes)
-    momentum = None if mode == "fc" else 0.1
-    norm = nn.BatchNorm1d(encoder.feature_dim, affine=False, momentum=momentum)
-    head = nn.Sequential(norm, linear) if head_norm else linear
+    head: nn.Module = LinearHead(encoder.feature_dim, num_classes)
+    if head_norm:
+        exact = {"momentum": None} if mode == "fc" else {}
+        head = nn.Sequential(nn.BatchNorm1d(encoder.feature_dim, affine=False, **exact), head)
     model = Classifier(encoder, head)
     if mode == "fc":
         freeze_encoder(model)
