@@ -25,7 +25,6 @@ from trainer.checkpoint import (
     set_generator_state,
     set_rng_state,
     unpack_array,
-    write_bytes_atomic,
 )
 from trainer.optim import LrSchedule, LrScheduler, build_optimizer
 from xdctools.errors import DataError
@@ -190,11 +189,3 @@ def test_latest_checkpoint_orders_numerically_and_skips_temp_files(tmp_path: Pat
         "it001-ep000.pt",
     ]
     assert [p.name for _, _, p in list_checkpoints(tmp_path)] == ["it000-ep1000.pt", "it001-ep002.pt"]
-
-
-def test_write_bytes_atomic_replaces_whole_files(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "report.md"
-    write_bytes_atomic(target, b"one")
-    write_bytes_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert [p.name for p in target.parent.iterdir()] == ["report.md"]

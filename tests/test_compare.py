@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from xdctools.commands.compare import compare
-from xdctools.compare import compare_rows, load_run, render_markdown
+from xdctools.compare import compare_rows, load_run, mean_rows, render_markdown
 from xdctools.errors import InputError
 
 
-def _run(name: str, method: str, first: dict, last: dict) -> dict:
-    return {"run": name, "method": method, "seed": 0, "iterations": [{"iteration": 0, **first}, last]}
+def _run(name: str, method: str, first: dict, last: dict, seed: int = 0) -> dict:
+    return {"run": name, "method": method, "seed": seed, "iterations": [{"iteration": 0, **first}, last]}
 
 
 START = {"probe_video": 0.2, "probe_audio": 0.25, "nmi_video": 0.05, "nmi_audio": 0.06}
@@ -44,6 +44,28 @@ def test_runs_that_start_differently_are_flagged():
     )
     assert rows[0]["spread"]["probe_video"] == pytest.approx(0.1)
     assert "video probe by up to 0.100" in render_markdown(rows)
+
+
+def test_mean_over_seeds_counts_each_random_start_once():
+    other = {**START, "probe_video": 0.4}
+    runs = [
+        _run("x0", "xdc", START, {"iteration": 6, "probe_video": 0.5, "probe_audio": 0.6}, seed=0),
+        _run("x1", "xdc", other, {"iteration": 6, "probe_video": 0.7, "probe_audio": 0.6}, seed=1),
+        _run("s0", "sdc", START, {"iteration": 6, "probe_video": 0.1, "nmi_video": 0.2}, seed=0),
+    ]
+    rows = mean_rows(runs)
+    assert [(r["label"], r["run"]) for r in rows] == [
+        ("Random init", "iteration 0 (2 seeds)"),
+        ("XDC", "2 runs: x0, x1"),
+        ("SDC", "1 run: s0"),
+    ]
+    assert rows[0]["probe_video"] == pytest.approx(0.3)  # seed 0 counted once, not once per run
+    assert rows[0]["probe_video_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows[1]["probe_video"] == pytest.approx(0.6) and rows[1]["probe_audio_sd"] == 0.0
+    assert rows[2]["probe_video_sd"] is None  # one run: no spread to report
+    text = render_markdown(rows)
+    assert "| XDC | 2 runs: x0, x1 | 6 | 0.600 ± 0.141 | 0.600 ± 0.000 | – | – |" in text
+    assert "| SDC | 1 run: s0 | 6 | 0.100 | – | 0.200 | – |" in text
 
 
 def test_unfinished_or_broken_run_folders_are_named(tmp_path: Path):

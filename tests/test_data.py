@@ -28,12 +28,12 @@ from trainer.data import (
     parse_index,
     train_loader,
 )
+from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import ConfigError, DataError
 from xdctools.shard import format as fmt
 from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan
 from xdctools.shard.run import run_shard
-from xdctools.shard.write import write_atomic
 from xdctools.synth import SynthParams, encode_mp4, synthesize, write_flash_click
 
 FLASH_TIME = 2.5  # seconds, in a 5 s video at 25 fps: frames 62, 63, 64 are white
@@ -209,9 +209,9 @@ def test_broken_shards_are_named(synth: Path, tmp_path: Path) -> None:
 
     # DALI's reader may still map the old file: give the broken versions new inodes, never truncate it
     del loader
-    write_atomic(tars[0], tars[0].read_bytes()[:5000])
+    write_bytes_atomic(tars[0], tars[0].read_bytes()[:5000])
     fails(f"{tars[0]}: truncated shard", tars[:1])
-    write_atomic(tars[0], b"\0" * 200_000)
+    write_bytes_atomic(tars[0], b"\0" * 200_000)
     fails(f"{tars[0]}: not a tar archive", tars[:1])
 
 

@@ -218,6 +218,10 @@ def test_xdc_iterations_end_to_end_with_heads_reset(shards: Path, tmp_path: Path
     first, final = result.iterations[0], result.iterations[-1]
     assert lines[2].startswith(f"| Random init | iteration 0 | 0 | {first['probe_video']:.3f} |")
     assert lines[3].startswith(f"| XDC | run | 2 | {final['probe_video']:.3f} | {final['probe_audio']:.3f} |")
+    # --mean over one run: the same numbers, no spread
+    out = CliRunner().invoke(compare, [str(run), "--mean"])
+    assert out.exit_code == 0, out.output
+    assert f"| XDC | 1 run: run | 2 | {final['probe_video']:.3f} | {final['probe_audio']:.3f} |" in out.output
 
 
 DRIVER = """

@@ -10,7 +10,7 @@ import pytest
 from wds2idx import IndexCreator
 
 from xdctools.shard import format as fmt
-from xdctools.shard.write import ShardWriter, check_sample, closed_tar_bytes, sample_tar_bytes, write_atomic
+from xdctools.shard.write import ShardWriter, check_sample, closed_tar_bytes, sample_tar_bytes
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +122,7 @@ def test_unit_without_samples_writes_nothing(tmp_path: Path):
     assert writer.parts == [] and list(tmp_path.iterdir()) == []
 
 
-def test_check_sample_and_write_atomic(tmp_path: Path):
+def test_check_sample():
     assert check_sample([("v1_a_s000.cls", b"1"), ("v1_a_s000.mel.npy", b"")]) == "v1_a_s000"
     with pytest.raises(ValueError, match="no extension"):
         check_sample([("noext", b"")])
-    target = tmp_path / "stats.json"
-    write_atomic(target, b"one")
-    write_atomic(target, b"two")
-    assert target.read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == ["stats.json"]

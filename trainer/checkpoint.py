@@ -15,54 +15,20 @@ from __future__ import annotations
 import os
 import random
 import re
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from xdctools.atomic import write_atomic
 from xdctools.errors import DataError
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^it(\d{3,})-ep(\d{3,})\.pt$")
 _PRIMITIVES = (type(None), bool, int, float, str)
-
-
-# --- atomic files ----------------------------------------------------------------------------
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file through `write(f)` to a hidden temp name, fsync, rename into place, fsync the folder.
-
-    Readers see the old file or the whole new one; if `write` raises, the temp file is removed and
-    `path` is untouched. A crash (kill -9) can leave a `.name.tmp-*` file, never a partial `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """`write_atomic` for bytes already in memory (reports, plots, the resolved recipe)."""
-    return write_atomic(path, lambda f: f.write(data))
 
 
 # --- checkpoints -----------------------------------------------------------------------------

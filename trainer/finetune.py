@@ -63,7 +63,6 @@ from trainer.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    write_bytes_atomic,
 )
 from trainer.data import ClipSpec, Runtime, ShardSet, eval_loader, find_shards, parse_index, train_loader
 from trainer.extract import read_catalog
@@ -85,6 +84,7 @@ from trainer.models.weights import (
 )
 from trainer.optim import LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
 from xdctools import recipe as train_recipe
+from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import ConfigError, DataError
 from xdctools.eval_recipe import DATASETS, EvalRecipe, SplitSets, dump_eval_recipe, eval_digest
 from xdctools.shard import format as fmt

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.checkpoint import write_bytes_atomic
+from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import DataError
 from xdctools.recipe import Recipe, recipe_digest
 

@@ -41,7 +41,6 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
     unpack_array,
-    write_bytes_atomic,
 )
 from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, train_loader
 from trainer.extract import Catalog, extract_features, read_catalog
@@ -49,6 +48,7 @@ from trainer.log import RECIPE_FILE, RunLogger, hardware_info, read_metrics, wri
 from trainer.models import MultiHead, prepare_for_speed, r2plus1d_18, resnet18_audio
 from trainer.optim import EarlyStopper, LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
 from trainer.step import HeadKey, LabelTables, Learner, balanced_weights, make_scaler, summarise, train_step
+from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import ConfigError, DataError
 from xdctools.features.store import FeatureStore
 from xdctools.recipe import Recipe, dump_recipe, recipe_digest

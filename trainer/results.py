@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import write_bytes_atomic
+from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import DataError
 from xdctools.eval_recipe import DATASETS
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,53 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def mean_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The table over seeds: one row per method, each column the mean and sample standard deviation
+    (`<col>_sd`) of the runs' final values, and a random-init row averaged over each seed's iteration 0.
+
+    One run (one seed) says little when a probe swings by a few points between iterations; several seeds
+    of each method, averaged, is how the comparison should be read. Runs of one seed share a random start,
+    so it is counted once per seed.
+    """
+    starts: dict[Any, list[Mapping[str, Any]]] = {}
+    methods: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        methods.setdefault(r["method"], []).append(r)
+        if r["iterations"][0].get("iteration") == 0:
+            starts.setdefault(r.get("seed"), []).append(r["iterations"][0])
+    rows = []
+    if starts:
+        per_seed = [{col: _first_finite(col, group) for col in COLUMNS} for group in starts.values()]
+        rows.append(_mean_row("Random init", f"iteration 0 ({_count(len(starts), 'seed')})", 0, per_seed))
+    for method, group in methods.items():
+        finals = [r["iterations"][-1] for r in group]
+        iterations = max(int(r["iterations"][-1].get("iteration", len(r["iterations"]) - 1)) for r in group)
+        run = f"{_count(len(group), 'run')}: " + ", ".join(r["run"] for r in group)
+        rows.append(_mean_row(METHOD_NAMES.get(method, method), run, iterations, finals))
+    return rows
+
+
+def _first_finite(col: str, records: Sequence[Mapping[str, Any]]) -> float | None:
+    return next((v for rec in records if (v := _finite(rec.get(col))) is not None), None)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _mean_row(label: str, run: str, iterations: int, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"label": label, "run": run, "iterations": iterations}
+    for col in COLUMNS:
+        values = [v for rec in records if (v := _finite(rec.get(col))) is not None]
+        row[col] = statistics.fmean(values) if values else None
+        row[f"{col}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+    return row
+
+
+def _cell(value: float | None, sd: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if sd is None else f"{value:.3f} ± {sd:.3f}"
 
 
 def render_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -99,7 +145,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         "|---|---|---:|" + "---:|" * len(cols),
     ]
     for r in rows:
-        cells = [_cell(r.get(c)) for c in cols]
+        cells = [_cell(r.get(c), r.get(f"{c}_sd")) for c in cols]
         lines.append(f"| {r['label']} | {r['run']} | {r['iterations']} | " + " | ".join(cells) + " |")
     spread = {c: v for r in rows for c, v in r.get("spread", {}).items() if v > 0 and c in cols}
     if spread:

@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from xdctools.atomic import write_text_atomic
 from xdctools.errors import InputError
-from xdctools.synth import check_output_root, encode_mp4, make_missing, write_text_atomic
+from xdctools.synth import check_output_root, encode_mp4, make_missing
 
 SPLITS = ("train", "test")
 FSDD_INDICES = {"train": range(5, 50), "test": range(0, 5)}  # FSDD's own convention

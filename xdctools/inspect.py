@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xdctools.atomic import write_atomic
 from xdctools.errors import DataError, InputError
 from xdctools.shard import format as fmt
 
@@ -395,20 +396,11 @@ def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *,
 
 
 def write_png(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save atomically (temp + rename) with the Agg backend; returns the path."""
+    """Save atomically with the Agg backend (no display needed); returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
     FigureCanvasAgg(fig)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def sample_figure(sample: Sample, classes: list[str] | None = None, *, grid: int = 8):

@@ -26,6 +26,7 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from xdctools.atomic import write_text_atomic
 from xdctools.errors import DependencyError, InputError, XdcError
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
@@ -414,13 +415,6 @@ def describe(params: SynthParams, complete: bool = True) -> dict:
             for i in range(params.per_class)
         ],
     }
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a hidden `.name.partial` next to `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_output_root(root: Path, meta: Path, doc: dict, *, keys: Sequence[str], other: str) -> None:

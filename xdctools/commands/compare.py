@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from xdctools.compare import compare_rows, load_run, render_markdown
-from xdctools.synth import write_text_atomic
+from xdctools.atomic import write_text_atomic
+from xdctools.compare import compare_rows, load_run, mean_rows, render_markdown
 
 
 @click.command("compare")
@@ -17,11 +17,18 @@ from xdctools.synth import write_text_atomic
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here (.md)."
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Rows as JSON.")
-def compare(runs: tuple[Path, ...], output: Path | None, json_out: Path | None) -> None:
+@click.option(
+    "--mean",
+    "over_seeds",
+    is_flag=True,
+    help="One row per method: mean ± standard deviation over its runs (seeds).",
+)
+def compare(runs: tuple[Path, ...], output: Path | None, json_out: Path | None, over_seeds: bool) -> None:
     """Linear-probe accuracy and cluster NMI of the final encoders of each RUN (folders written by
     `xdctools train` with probe on), with a first row for the random encoders every run starts from.
     """
-    rows = compare_rows([load_run(r) for r in runs])
+    loaded = [load_run(r) for r in runs]
+    rows = mean_rows(loaded) if over_seeds else compare_rows(loaded)
     table = render_markdown(rows)
     if output is not None:
         write_text_atomic(output, table)

@@ -21,7 +21,7 @@ from xdctools.shard import format as fmt
 from xdctools.shard.jobs import Job, Plan
 from xdctools.shard.media import process_job
 from xdctools.shard.params import ShardParams
-from xdctools.shard.write import TMP_SUFFIX, ShardWriter, write_atomic
+from xdctools.shard.write import TMP_SUFFIX, ShardWriter, write_file
 
 DATASET_FORMAT_VERSION = 1
 PARAMS_FILE = "params.json"
@@ -275,7 +275,7 @@ def check_or_write_parameters(out_dir: Path, parameters: dict, node_rank: int) -
                 f"{'; ...' if len(diff) > 4 else ''}); use another output directory"
             )
     if not params_path.exists():
-        write_atomic(params_path, _json_bytes(parameters), tmp_suffix=f".{node_rank}{TMP_SUFFIX}")
+        write_file(params_path, _json_bytes(parameters), tmp_suffix=f".{node_rank}{TMP_SUFFIX}")
 
 
 def _clear_unit(set_dir: Path, unit: Unit) -> None:
@@ -387,7 +387,7 @@ def _write_unit(
             if progress:
                 progress(counts.done, counts.total, counts.ok, counts.failed)
     rec = unit_record(unit, [part.to_dict() for part in writer.parts], failures, ok, seconds)
-    write_atomic(out_dir / unit.marker, _json_bytes(rec))
+    write_file(out_dir / unit.marker, _json_bytes(rec))
     return rec
 
 
@@ -399,9 +399,9 @@ def _finish_dataset(out_dir: Path, plan: Plan, parameters: dict, units: list[Uni
     records = [_read_json(m) for m in markers]
     tmp = f".{node_rank}{TMP_SUFFIX}"
     errors = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in error_lines(plan, records))
-    write_atomic(out_dir / ERRORS_FILE, errors.encode(), tmp_suffix=tmp)
+    write_file(out_dir / ERRORS_FILE, errors.encode(), tmp_suffix=tmp)
     dataset = _json_bytes(dataset_record(plan, parameters, records))
-    write_atomic(out_dir / DATASET_FILE, dataset, tmp_suffix=tmp)
+    write_file(out_dir / DATASET_FILE, dataset, tmp_suffix=tmp)
     return True
 
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from xdctools.atomic import write_bytes_atomic
+
 TAR_FORMAT = tarfile.GNU_FORMAT
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a whole record
@@ -93,24 +95,10 @@ def idx_text(samples: Sequence[Sequence[IdxEntry]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, tmp_suffix: str = TMP_SUFFIX) -> None:
-    """Write to `path + tmp_suffix`, fsync, rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + tmp_suffix)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def write_file(path: Path, data: bytes, *, tmp_suffix: str = TMP_SUFFIX) -> None:
+    """Write atomically through `path + tmp_suffix`: a killed unit's leftovers then match its own name
+    pattern, which is how `run._clear_unit` finds them on resume."""
+    write_bytes_atomic(path, data, tmp=path.with_name(path.name + tmp_suffix))
 
 
 class _Part:
@@ -143,7 +131,7 @@ class _Part:
         os.fsync(self.file.fileno())
         size = self.file.tell()
         self.file.close()
-        write_atomic(self.idx_path, idx_text(self.entries).encode())
+        write_file(self.idx_path, idx_text(self.entries).encode())
         os.replace(self.tmp_path, self.tar_path)
         return PartInfo(self.tar_path.name, self.idx_path.name, len(self.entries), self.videos, size)
 
