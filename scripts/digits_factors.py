@@ -1,0 +1,82 @@
+"""What do a digits run's clusters capture? NMI of its clusters with the digit and with the nuisance factors.
+
+    .venv/bin/python scripts/digits_factors.py runs/digits-xdc runs/digits-sdc [--shards digits/shards]
+
+The digits set records every random choice per video (`digits.json`): speaker, background and ink colour.
+A clustering that follows the background instead of the digit has a low digit NMI and a high background
+NMI; this prints both, for the random encoders' clusters (iteration 0) and the final ones, per view.
+Colours are binned by hue (8 bins), with greys apart by lightness (3 bins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import tarfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+FACTORS = ("digit", "speaker", "background", "ink")
+
+
+def colour_bin(rgb: Sequence[float], hues: int = 8) -> int:
+    """A colour's hue bin, or one of 3 lightness bins (after the hue bins) for a near-grey colour."""
+    hue, light, sat = colorsys.rgb_to_hls(*(c / 255 for c in rgb))
+    return int(hue * hues) % hues if sat > 0.15 else hues + min(int(light * 3), 2)
+
+
+def factor_labels(records: Sequence[Mapping]) -> dict[str, list]:
+    """Per factor, one label per video from its `digits.json` record."""
+    return {
+        "digit": [r["digit"] for r in records],
+        "speaker": [r["speaker"] for r in records],
+        "background": [colour_bin(r["nuisance"]["background"]) for r in records],
+        "ink": [colour_bin(r["nuisance"]["ink"]) for r in records],
+    }
+
+
+def factor_nmi(records: Sequence[Mapping], clusters: np.ndarray) -> dict[str, float]:
+    return {k: normalized_mutual_info_score(v, clusters) for k, v in factor_labels(records).items()}
+
+
+def video_sources(shards: Path) -> dict[int, str]:
+    """Video index -> source name relative to the videos folder, from the samples' JSON members."""
+    sources = {}
+    for tar in sorted(shards.glob("*/*.tar")):
+        with tarfile.open(tar) as t:
+            for member in t:
+                if member.name.endswith(".json"):
+                    doc = json.load(t.extractfile(member))
+                    sources[int(member.name[1:9])] = doc["source"]["name"]
+    return sources
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--shards", type=Path, default=Path("digits/shards"))
+    parser.add_argument("--videos", type=Path, default=Path("digits/videos"))
+    args = parser.parse_args()
+    described = {f["path"]: f for f in json.loads((args.videos / "digits.json").read_text())["files"]}
+    sources = video_sources(args.shards)
+    print("| run | view | clusters | " + " | ".join(f"NMI {f}" for f in FACTORS) + " |")
+    print("|---|---|---|" + "---:|" * len(FACTORS))
+    for run in args.runs:
+        for view in ("video", "audio", "cdc"):
+            for when in ("it000", "final"):
+                folder = run / "clusters" / f"{when}-{view}"
+                if not folder.exists():
+                    continue
+                records = [described[sources[int(v)]] for v in np.load(folder / "index.npy")]
+                nmi = factor_nmi(records, np.load(folder / "labels.npy"))
+                cells = " | ".join(f"{nmi[f]:.3f}" for f in FACTORS)
+                label = "random (it. 0)" if when == "it000" else "final"
+                print(f"| {run.name} | {view} | {label} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
