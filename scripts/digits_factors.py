@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
+from xdctools.shard import format as fmt
+from xdctools.shard.write import split_member
+
 FACTORS = ("digit", "speaker", "background", "ink")
 
 
@@ -44,15 +47,17 @@ def factor_nmi(records: Sequence[Mapping], clusters: np.ndarray) -> dict[str, fl
 
 
 def video_sources(shards: Path) -> dict[int, str]:
-    """Video index -> source name relative to the videos folder, from the samples' JSON members."""
-    sources = {}
+    """Video index (the samples' info.npy) -> source name relative to the videos folder (their JSON)."""
+    names, videos = {}, {}
     for tar in sorted(shards.glob("*/*.tar")):
         with tarfile.open(tar) as t:
             for member in t:
-                if member.name.endswith(".json"):
-                    doc = json.load(t.extractfile(member))
-                    sources[int(member.name[1:9])] = doc["source"]["name"]
-    return sources
+                key, ext = split_member(member.name)
+                if ext == fmt.META_EXT:
+                    names[key] = json.load(t.extractfile(member))["source"]["name"]
+                elif ext == fmt.INFO_EXT:
+                    videos[key] = fmt.decode_info(t.extractfile(member).read())["video"]
+    return {video: names[key] for key, video in videos.items()}
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row = {
             "label": METHOD_NAMES.get(r["method"], r["method"]),
             "run": r["run"],
-            "iterations": int(last.get("iteration", len(r["iterations"]) - 1)),
+            "iterations": _final_iteration(r),
         }
         row.update({col: _finite(last.get(col)) for col in COLUMNS})
         rows.append(row)
@@ -107,11 +107,17 @@ def mean_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         per_seed = [{col: _first_finite(col, group) for col in COLUMNS} for group in starts.values()]
         rows.append(_mean_row("Random init", f"iteration 0 ({_count(len(starts), 'seed')})", 0, per_seed))
     for method, group in methods.items():
-        finals = [r["iterations"][-1] for r in group]
-        iterations = max(int(r["iterations"][-1].get("iteration", len(r["iterations"]) - 1)) for r in group)
         run = f"{_count(len(group), 'run')}: " + ", ".join(r["run"] for r in group)
-        rows.append(_mean_row(METHOD_NAMES.get(method, method), run, iterations, finals))
+        iterations = max(_final_iteration(r) for r in group)
+        rows.append(
+            _mean_row(METHOD_NAMES.get(method, method), run, iterations, [r["iterations"][-1] for r in group])
+        )
     return rows
+
+
+def _final_iteration(run: Mapping[str, Any]) -> int:
+    """The last record's iteration number (its position when a record does not say)."""
+    return int(run["iterations"][-1].get("iteration", len(run["iterations"]) - 1))
 
 
 def _first_finite(col: str, records: Sequence[Mapping[str, Any]]) -> float | None:

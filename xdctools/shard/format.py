@@ -126,7 +126,7 @@ def clip_mel_start(
     """
     fps = Fraction(fps)
     centred = round(Fraction(2 * clip_start + clip_span) * MEL_FPS / (2 * fps))
-    origin = MEL_PAD_FRAMES - round(Fraction(segment_start) * MEL_FPS / fps)  # column of time 0
+    origin = -segment_mel_origin(segment_start, fps)  # column of time 0
     end = origin + round(Fraction(video_frames) * MEL_FPS / fps)  # column of the video's end
     lo, hi = max(origin, 0), min(end, mel_frames) - WINDOW_FRAMES
     return min(max(centred, lo), hi) if lo <= hi else centred
