@@ -27,6 +27,7 @@ from trainer.data import (
     find_shards,
     parse_index,
     train_loader,
+    warn_if_name_ordered,
 )
 from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import ConfigError, DataError
@@ -169,6 +170,9 @@ def test_find_shards_lists_the_set(kinetics: Path) -> None:
     assert [t.name for t in shards.tars] == [f"train-{u:06d}-00.tar" for u in range(3)]
     assert len(shards) == sum(shards.sizes) == 27
     assert shards.video_ext == "webm" and shards.short_side == 128
+    assert shards.name_ordered  # sharded from build_plan without a shuffle seed
+    with pytest.warns(UserWarning, match=r"kinetics.*/train: videos are stored in name \(class\) order"):
+        warn_if_name_ordered(shards)
     with pytest.raises(DataError, match="no set 'test'"):
         find_shards(kinetics, "test")
 

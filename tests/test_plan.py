@@ -11,7 +11,8 @@ import pytest
 
 from xdctools.errors import ConfigError, InputError
 from xdctools.shard import annotations as ann
-from xdctools.shard.plan import build_plan, detect_kind
+from xdctools.shard.plan import build_plan, detect_kind, shuffle_plan
+from xdctools.shard.run import plan_fingerprint
 
 UCF_OFFICIAL = {1: (9537, 3783), 2: (9586, 3734), 3: (9624, 3696)}  # (train, test) videos per split
 
@@ -415,3 +416,25 @@ def test_class_index_parser() -> None:
         ann.parse_class_index("1 a\n3 b\n", "c.txt")
     with pytest.raises(InputError, match=r"c\.txt:2: class 'a' listed twice"):
         ann.parse_class_index("a\na\n", "c.txt")
+
+
+def test_shuffled_order_mixes_the_classes(tmp_path: Path, media_dir: Path) -> None:
+    """Name order is class order; the seeded shuffle spreads every class over the whole set."""
+    clip = media_dir / "hmdb51" / "wave" / "RATRACE_wave_f_nm_np1_fr_goo_37.avi"
+    for digit in range(10):
+        for n in range(12):
+            link(clip, tmp_path / "digits" / str(digit) / f"{digit}_{n:02d}.avi")
+    by_name = build_plan(tmp_path / "digits")
+    shuffled = build_plan(tmp_path / "digits", shuffle_seed=0)
+    (named,), (mixed,) = by_name.sets.values(), shuffled.sets.values()
+    assert by_name.shuffle_seed is None and shuffled.shuffle_seed == 0
+    assert sorted(j.name for j in mixed) == [j.name for j in named]
+    assert [j.index for j in mixed] == list(range(120))
+    quarter = [{j.class_index for j in jobs[:30]} for jobs in (named, mixed)]
+    assert len(quarter[0]) == 3 and len(quarter[1]) >= 8  # 30 neighbours: 3 classes vs nearly all
+    assert build_plan(tmp_path / "digits", shuffle_seed=0) == shuffled  # a rerun or another node agrees
+    other = build_plan(tmp_path / "digits", shuffle_seed=1)
+    assert [j.name for j in other.sets["train"]] != [j.name for j in mixed]
+    assert len({plan_fingerprint(p) for p in (by_name, shuffled, other)}) == 3  # no resume across orders
+    with pytest.raises(ConfigError, match="already shuffled"):
+        shuffle_plan(shuffled, 0)

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from tqdm import tqdm
 
+from trainer.data import find_shards
 from xdctools.commands.shard import ByteSize, shard
 from xdctools.errors import ConfigError
 from xdctools.shard import format as fmt
@@ -366,6 +367,8 @@ def test_shard_command(media_dir: Path, tmp_path: Path):
     assert [(e["path"], e["reason"]) for e in errors] == [(str(tmp_path / "gone.mp4"), "missing_file")]
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["parameters"]["max_shard_bytes"] == 1_000_000 and dataset["classes"] == ["wave"]
+    assert dataset["parameters"]["shuffle_seed"] == 0  # shuffled order by default
+    assert not find_shards(out, "train").name_ordered
 
     # A fatal error: one line, non-zero exit, nothing lost.
     before = output_files(out)

@@ -35,7 +35,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +78,7 @@ class ShardSet:
     sizes: tuple[int, ...]  # samples per tar
     video_ext: str | None  # "webm", "mp4", or None for an audio-only set
     short_side: int | None = None  # stored frame size, from dataset.json when present
+    name_ordered: bool = False  # dataset.json says the videos were written in name (= class) order
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -195,6 +196,7 @@ def find_shards(root: str | os.PathLike, set_name: str, *, video: bool = True) -
         doc = json.loads(meta.read_text())
         sets = doc["sets"]
         short_side = doc["parameters"]["shard"]["short_side"]
+        name_ordered = doc["parameters"].get("shuffle_seed") is None  # absent: written before shuffling
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{meta}: unreadable ({type(e).__name__}: {e})") from e
     if set_name not in sets:
@@ -208,7 +210,18 @@ def find_shards(root: str | os.PathLike, set_name: str, *, video: bool = True) -
             raise DataError(
                 f"{root / entry['tar']}: index holds {size} samples, {meta.name} says {entry['samples']}"
             )
-    return shards
+    return replace(shards, name_ordered=name_ordered)
+
+
+def warn_if_name_ordered(shards: ShardSet) -> None:
+    """Training on name-ordered shards runs, but DALI's 1,024-sample shuffle buffer then fills each
+    batch from a few neighbouring classes (see `xdctools.shard.plan.shuffle_plan`): say so once."""
+    if shards.name_ordered:
+        warnings.warn(
+            f"{shards.tars[0].parent}: videos are stored in name (class) order, so training batches "
+            "mix few classes; reshard with `xdctools shard` (shuffled order by default)",
+            stacklevel=2,
+        )
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -322,10 +335,8 @@ def build_pipeline(
             missing_component_behavior="error",
             shard_id=run.rank,
             num_shards=run.world_size,
-            random_shuffle=train,
+            random_shuffle=train,  # a buffer of initial_fill samples (shuffle_after_epoch: a no-op here)
             initial_fill=max(1, min(1024, per_rank)),
-            shuffle_after_epoch=train,
-            **({"shuffle_after_epoch_seed": run.seed} if train else {}),
             stick_to_shard=not train,
             pad_last_batch=not train,
             seed=run.seed + 7919 * run.rank,

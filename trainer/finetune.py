@@ -64,7 +64,16 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from trainer.data import ClipSpec, Runtime, ShardSet, eval_loader, find_shards, parse_index, train_loader
+from trainer.data import (
+    ClipSpec,
+    Runtime,
+    ShardSet,
+    eval_loader,
+    find_shards,
+    parse_index,
+    train_loader,
+    warn_if_name_ordered,
+)
 from trainer.extract import read_catalog
 from trainer.log import RunLogger
 from trainer.models import (
@@ -176,6 +185,7 @@ def open_sets(root: str | os.PathLike, names: Iterable[str], *, video: bool) -> 
         sizes=tuple(s for p in parts for s in p.sizes),
         video_ext=parts[0].video_ext,
         short_side=parts[0].short_side,
+        name_ordered=any(p.name_ordered for p in parts),
     )
 
 
@@ -532,6 +542,7 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
     started = time.time()
     root = recipe.data.shards
     train_shards = open_sets(root, split.train, video=recipe.data.modality == "video")
+    warn_if_name_ordered(train_shards)
     test_shards = open_sets(root, [split.test], video=recipe.data.modality == "video")
     audio_only = is_audio_only(train_shards)
     if is_audio_only(test_shards) != audio_only:

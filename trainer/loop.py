@@ -42,7 +42,7 @@ from trainer.checkpoint import (
     set_rng_state,
     unpack_array,
 )
-from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, train_loader
+from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, train_loader, warn_if_name_ordered
 from trainer.extract import Catalog, extract_features, read_catalog
 from trainer.log import RECIPE_FILE, RunLogger, hardware_info, read_metrics, write_report
 from trainer.models import MultiHead, prepare_for_speed, r2plus1d_18, resnet18_audio
@@ -162,6 +162,7 @@ def open_session(recipe: Recipe, *, resume: bool, progress: Progress | None) -> 
     run_dir = Path(recipe.run.out)
     shards = find_shards(recipe.data.shards, recipe.data.train_set)
     check_clip(recipe, shards)
+    warn_if_name_ordered(shards)
     catalog = read_catalog(shards)
     if recipe.method == "superv" and not catalog.has_labels:
         raise DataError(

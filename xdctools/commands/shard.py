@@ -106,6 +106,15 @@ def format_summary(summary: Summary, out_dir: Path) -> str:
     help="Class index file (e.g. UCF101 classInd.txt); default: sorted folder names.",
 )
 @click.option("--set-name", default="train", show_default=True, help="Set name when the input has no splits.")
+@click.option(
+    "--order",
+    type=click.Choice(["shuffled", "name"]),
+    default="shuffled",
+    show_default=True,
+    help="Video order in the shards. Name order is class order, and DALI's shuffle buffer then "
+    "fills training batches with a few classes; keep it only to match an older shard folder.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffled order.")
 @click.option("--codec", type=click.Choice(["vp9", "h264"]), default="vp9", show_default=True)
 @click.option(
     "--short-side", type=int, default=256, show_default=True, help="Short side of the video, pixels."
@@ -147,6 +156,8 @@ def shard(
     manifest: Path | None,
     classes: Path | None,
     set_name: str,
+    order: str,
+    seed: int,
     codec: str,
     short_side: int,
     fps: str | None,
@@ -183,6 +194,7 @@ def shard(
         manifest=manifest,
         classes=classes,
         set_name=set_name,
+        shuffle_seed=seed if order == "shuffled" else None,
     )
     params = ShardParams(
         codec=codec,

@@ -30,3 +30,4 @@ class Plan:
     sets: dict[str, list[Job]]  # set name -> jobs in index order
     audio_required: bool  # default policy of this input kind (the CLI flag overrides it)
     missing: list[dict] = field(default_factory=list)  # annotated files not found: {"path", "reason"}
+    shuffle_seed: int | None = None  # None: jobs in name order; else permuted by `plan.shuffle_plan`

@@ -143,6 +143,7 @@ def run_parameters(
         "shard_size": shard_size,
         "max_shard_bytes": max_shard_bytes,
         "kind": plan.kind,
+        "shuffle_seed": plan.shuffle_seed,
         "plan_sha256": plan_fingerprint(plan),
     }
 
