@@ -67,6 +67,7 @@ def test_summary_lists_kind_classes_sets_and_parameters(shards: Path):
     assert train[:6] == ["train", "2", "2", "0", "4", "2"]  # videos, ok, failed, samples, shards
     assert "failures by reason: none" in out
     assert "short_side=64" in out and "codec=vp9" in out and "40 bands" in out
+    assert "order: by name (class order" in out  # sharded from a plan without a shuffle seed
     assert "key:" not in out  # no sample unless asked
 
 

@@ -253,6 +253,8 @@ def summarize(dataset: dict, shards_dir: str | os.PathLike | None = None) -> str
     layout = {k: params[k] for k in ("shard_size", "max_shard_bytes") if k in params}
     if layout:
         lines.append("layout: " + ", ".join(f"{k}={v}" for k, v in layout.items()))
+    if params:
+        lines.append(order_line(params.get("shuffle_seed")))
     mel = params.get("mel") or {}
     if mel:
         lines.append(
@@ -273,6 +275,13 @@ class Timing:
     end: float
     fps: Fraction | None  # None for audio-only samples
     start_frame: int
+
+
+def order_line(shuffle_seed: int | None) -> str:
+    """Name order (older shards, or `--order name`) is class order: worth a warning, not an error."""
+    if shuffle_seed is None:
+        return "order: by name (class order: training batches mix few classes; reshard to shuffle)"
+    return f"order: shuffled (seed {shuffle_seed})"
 
 
 def sample_timing(info: dict[str, int]) -> Timing:

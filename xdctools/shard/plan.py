@@ -66,8 +66,8 @@ def shuffle_plan(plan: Plan, seed: int) -> Plan:
     Name order is class order for class folders, csvs and split lists, and DALI's reader mixes only
     within its shuffle buffer (1,024 samples): on name-ordered shards a training batch holds a few
     neighbouring classes (measured on the digits set: no 3 or 4 in the first 512 clips of every epoch).
-    WebDataset's advice holds: shuffle before sharding. The order depends on the seed and the set's
-    names only, so a rerun or another node computes the same plan.
+    WebDataset's advice holds: shuffle before sharding. The permutation is a function of the seed, the
+    set's name and its name-sorted jobs, so a rerun, a resume or another node computes the same plan.
     """
     if plan.shuffle_seed is not None:
         raise ConfigError("shuffle_plan: the plan is already shuffled")
