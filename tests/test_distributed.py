@@ -38,7 +38,11 @@ def tiny_shards(factory: pytest.TempPathFactory) -> Path:
     if not (root / "shards" / "dataset.json").is_file():
         synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
         run_shard(
-            build_plan(root / "videos"), ShardParams(short_side=64), root / "shards", shard_size=3, workers=2
+            build_plan(root / "videos", shuffle_seed=0),
+            ShardParams(short_side=64),
+            root / "shards",
+            shard_size=3,
+            workers=2,
         )
     return root / "shards"
 

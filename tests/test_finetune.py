@@ -73,7 +73,7 @@ def synth_shards(tmp_path_factory) -> Path:
         test = f.stem.endswith("_0003")
         rows.append(f"{rel},{rel.split('/')[0]},{'split1-test' if test else 'split1-train'}")
     (root / "videos" / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return _shard(build_plan(root / "videos" / "manifest.csv"), root / "shards")
+    return _shard(build_plan(root / "videos" / "manifest.csv", shuffle_seed=0), root / "shards")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def esc_shards(tmp_path_factory, shared_dir: Path) -> Path:
             os.symlink(shared_dir / "data" / "fsdd" / "recordings" / name, root / "audio" / name)
             rows.append(f"{name},{fold},{digit},digit{digit},False,{fold},A")
     (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    return _shard(build_plan(root), root / "shards")
+    return _shard(build_plan(root, shuffle_seed=0), root / "shards")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from click.testing import CliRunner
 
 from trainer import loop
 from trainer.checkpoint import list_checkpoints, load_checkpoint, unpack_array
+from trainer.data import find_shards
+from trainer.extract import read_catalog
 from trainer.step import LabelTables, balanced_weights, head_losses, summarise
 from xdctools.commands.compare import compare
 from xdctools.commands.train import train
@@ -41,7 +43,11 @@ def tiny_shards(factory: pytest.TempPathFactory, *, labelled: bool = True) -> Pa
     if not (root / "shards" / "dataset.json").is_file():
         synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
         run_shard(
-            build_plan(root / "videos"), ShardParams(short_side=64), root / "shards", shard_size=3, workers=2
+            build_plan(root / "videos", shuffle_seed=0),
+            ShardParams(short_side=64),
+            root / "shards",
+            shard_size=3,
+            workers=2,
         )
     if labelled:
         return root / "shards"
@@ -51,7 +57,10 @@ def tiny_shards(factory: pytest.TempPathFactory, *, labelled: bool = True) -> Pa
         for video in sorted((root / "videos").glob("*/*.mp4"))[:2]:
             (flat / video.name).write_bytes(video.read_bytes())
         run_shard(
-            build_plan(flat, kind="folder"), ShardParams(short_side=64), root / "unlabelled", shard_size=2
+            build_plan(flat, kind="folder", shuffle_seed=0),
+            ShardParams(short_side=64),
+            root / "unlabelled",
+            shard_size=2,
         )
     return root / "unlabelled"
 
@@ -323,7 +332,9 @@ def test_superv_trains_on_true_labels_and_refuses_unlabelled_shards(
     result = loop.run(parse_recipe(yaml.safe_dump(doc)))
     assert [r["iteration"] for r in result.iterations] == [0]
     state = load_checkpoint(list_checkpoints(tmp_path / "sup")[-1][2])
-    assert unpack_array(state["labels"]["true"]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    labels = unpack_array(state["labels"]["true"])
+    assert labels.tolist() == read_catalog(find_shards(shards, "train")).labels.tolist()  # stored order
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert state["model"]["heads.video.heads.true.weight"].shape[0] == 3  # dataset.json's classes
 
     doc["data"]["shards"] = str(tiny_shards(tmp_path_factory, labelled=False))
