@@ -34,7 +34,11 @@ def tiny_shards(factory: pytest.TempPathFactory) -> Path:
     if not (root / "shards" / "dataset.json").is_file():
         synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
         run_shard(
-            build_plan(root / "videos"), ShardParams(short_side=64), root / "shards", shard_size=3, workers=2
+            build_plan(root / "videos", shuffle_seed=0),
+            ShardParams(short_side=64),
+            root / "shards",
+            shard_size=3,
+            workers=2,
         )
     return root / "shards"
 
@@ -74,7 +78,10 @@ def test_catalog_lists_every_sample_and_video_label(shards) -> None:
     catalog = read_catalog(shards)
     assert len(catalog.sample_video) == len(shards) == 18
     assert catalog.videos.tolist() == list(range(9))
-    assert catalog.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # keys are v<video>_<class folder>_..._s<segment>: each video's label is its folder's class index
+    folder_class = {int(key[1:9]): int(key.split("_")[1][1:3]) for key in shards.keys}
+    assert catalog.labels.tolist() == [folder_class[v] for v in range(9)]
+    assert sorted(catalog.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert catalog.rows_of(np.array([8, 0])).tolist() == [8, 0]
     with pytest.raises(DataError, match="not in the catalog"):
         catalog.rows_of(np.array([9]))
