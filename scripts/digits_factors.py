@@ -1,6 +1,6 @@
 """What do a digits run's clusters capture? NMI of its clusters with the digit and with the nuisance factors.
 
-    .venv/bin/python scripts/digits_factors.py runs/digits-xdc runs/digits-sdc [--shards digits/shards]
+    .venv/bin/python scripts/digits_factors.py runs/digits-xdc runs/digits-sdc [--shards DIR --set train]
 
 The digits set records every random choice per video (`digits.json`): speaker, background and ink colour.
 A clustering that follows the background instead of the digit has a low digit NMI and a high background
@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import colorsys
 import json
-import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
-from xdctools.shard import format as fmt
-from xdctools.shard.write import split_member
+from trainer.data import find_shards
+from xdctools.inspect import scan_tar
 
 FACTORS = ("digit", "speaker", "background", "ink")
 
@@ -46,28 +45,23 @@ def factor_nmi(records: Sequence[Mapping], clusters: np.ndarray) -> dict[str, fl
     return {k: normalized_mutual_info_score(v, clusters) for k, v in factor_labels(records).items()}
 
 
-def video_sources(shards: Path) -> dict[int, str]:
-    """Video index (the samples' info.npy) -> source name relative to the videos folder (their JSON)."""
-    names, videos = {}, {}
-    for tar in sorted(shards.glob("*/*.tar")):
-        with tarfile.open(tar) as t:
-            for member in t:
-                key, ext = split_member(member.name)
-                if ext == fmt.META_EXT:
-                    names[key] = json.load(t.extractfile(member))["source"]["name"]
-                elif ext == fmt.INFO_EXT:
-                    videos[key] = fmt.decode_info(t.extractfile(member).read())["video"]
-    return {video: names[key] for key, video in videos.items()}
+def video_sources(tars: Iterable[Path]) -> dict[int, str]:
+    """Video index (the samples' info.npy) -> source name relative to the videos folder (their JSON).
+
+    Indices count from 0 in every set: pass the tars of the set the run clustered, and no other.
+    """
+    return {s.info["video"]: s.meta["source"]["name"] for tar in tars for s in scan_tar(tar)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--shards", type=Path, default=Path("digits/shards"))
+    parser.add_argument("--set", default="train", help="The shard set the runs trained on.")
     parser.add_argument("--videos", type=Path, default=Path("digits/videos"))
     args = parser.parse_args()
     described = {f["path"]: f for f in json.loads((args.videos / "digits.json").read_text())["files"]}
-    sources = video_sources(args.shards)
+    sources = video_sources(find_shards(args.shards, args.set).tars)
     print("| run | view | clusters | " + " | ".join(f"NMI {f}" for f in FACTORS) + " |")
     print("|---|---|---|" + "---:|" * len(FACTORS))
     for run in args.runs:

@@ -27,26 +27,6 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 CLIP = ClipSpec(length=4, crop=64)
 
 
-def tiny_shards(factory: pytest.TempPathFactory) -> Path:
-    """The trainer tests' tiny set: 3 classes x 3 synthetic 3 s videos, 2 segments each (18 samples)."""
-    from xdctools.shard.params import ShardParams
-    from xdctools.shard.plan import build_plan
-    from xdctools.shard.run import run_shard
-    from xdctools.synth import SynthParams, synthesize
-
-    root = factory.getbasetemp() / "xdc-tiny"
-    if not (root / "shards" / "dataset.json").is_file():
-        synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
-        run_shard(
-            build_plan(root / "videos", shuffle_seed=0),
-            ShardParams(short_side=64),
-            root / "shards",
-            shard_size=3,
-            workers=2,
-        )
-    return root / "shards"
-
-
 def encoders(seed: int = 0) -> dict[str, torch.nn.Module]:
     """What `trainer.loop.build_learner` builds for width 0.125 and this seed."""
     torch.manual_seed(seed)
@@ -109,8 +89,8 @@ distributed.cleanup()
 """
 
 
-def test_two_processes_match_one(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    root = tiny_shards(tmp_path_factory)
+def test_two_processes_match_one(tiny_shards: Path, tmp_path: Path) -> None:
+    root = tiny_shards
     recipe = {
         "name": "ddp",
         "method": "xdc",

@@ -20,32 +20,9 @@ from xdctools.features.store import open_store
 CLIP = ClipSpec(length=4, crop=64)
 
 
-def tiny_shards(factory: pytest.TempPathFactory) -> Path:
-    """3 classes x 3 synthetic 3 s videos, 2 segments each (64 + 11 frames), short side 64, 3 tars.
-
-    Made once per test session (reused by the other trainer test files through the same path).
-    """
-    from xdctools.shard.params import ShardParams
-    from xdctools.shard.plan import build_plan
-    from xdctools.shard.run import run_shard
-    from xdctools.synth import SynthParams, synthesize
-
-    root = factory.getbasetemp() / "xdc-tiny"
-    if not (root / "shards" / "dataset.json").is_file():
-        synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
-        run_shard(
-            build_plan(root / "videos", shuffle_seed=0),
-            ShardParams(short_side=64),
-            root / "shards",
-            shard_size=3,
-            workers=2,
-        )
-    return root / "shards"
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory):
-    return find_shards(tiny_shards(tmp_path_factory), "train")
+def shards(tiny_shards: Path):
+    return find_shards(tiny_shards, "train")
 
 
 def encoders(seed: int = 0) -> dict[str, torch.nn.Module]:

@@ -29,28 +29,13 @@ from xdctools.recipe import METHODS, load_recipe, parse_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_shards(factory: pytest.TempPathFactory, *, labelled: bool = True) -> Path:
-    """3 classes x 3 synthetic 3 s videos (2 segments each) at short side 64, made once per session.
-
-    labelled=False shards the same videos as a flat folder: no class labels.
-    """
+def unlabelled_shards(tiny_shards: Path) -> Path:
+    """Two of the tiny set's videos sharded as a flat folder: no class labels."""
     from xdctools.shard.params import ShardParams
     from xdctools.shard.plan import build_plan
     from xdctools.shard.run import run_shard
-    from xdctools.synth import SynthParams, synthesize
 
-    root = factory.getbasetemp() / "xdc-tiny"
-    if not (root / "shards" / "dataset.json").is_file():
-        synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
-        run_shard(
-            build_plan(root / "videos", shuffle_seed=0),
-            ShardParams(short_side=64),
-            root / "shards",
-            shard_size=3,
-            workers=2,
-        )
-    if labelled:
-        return root / "shards"
+    root = tiny_shards.parent
     flat = root / "flat"
     if not (root / "unlabelled" / "dataset.json").is_file():
         flat.mkdir(exist_ok=True)
@@ -105,8 +90,8 @@ def write_recipe(path: Path, doc: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_shards(tmp_path_factory)
+def shards(tiny_shards: Path) -> Path:
+    return tiny_shards
 
 
 # --- pure parts -------------------------------------------------------------------------------------
@@ -324,9 +309,7 @@ def test_every_clustering_method_trains(shards: Path, tmp_path: Path, method: st
     assert recipe.clustering.uniform_sampling == (method == "sdc")  # DeepCluster's safeguard for SDC
 
 
-def test_superv_trains_on_true_labels_and_refuses_unlabelled_shards(
-    shards: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_superv_trains_on_true_labels_and_refuses_unlabelled_shards(shards: Path, tmp_path: Path) -> None:
     doc = tiny_recipe(shards, tmp_path / "sup", method="superv")
     doc.pop("clustering")
     result = loop.run(parse_recipe(yaml.safe_dump(doc)))
@@ -337,7 +320,7 @@ def test_superv_trains_on_true_labels_and_refuses_unlabelled_shards(
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert state["model"]["heads.video.heads.true.weight"].shape[0] == 3  # dataset.json's classes
 
-    doc["data"]["shards"] = str(tiny_shards(tmp_path_factory, labelled=False))
+    doc["data"]["shards"] = str(unlabelled_shards(shards))
     with pytest.raises(DataError, match="carries no class labels; method superv"):
         loop.run(parse_recipe(yaml.safe_dump(doc)))
 

@@ -126,7 +126,7 @@ def _read_indexed(tar_path: Path, key: str, members: dict[str, tuple[int, int]])
     return Sample(key=key, shard=tar_path, members=out)
 
 
-def _scan_tar(tar_path: Path) -> Iterator[Sample]:
+def scan_tar(tar_path: Path) -> Iterator[Sample]:
     """Samples of a tar in order, without an index: consecutive members sharing a key."""
     key, members = None, {}
     try:
@@ -162,7 +162,7 @@ def read_sample(shards_dir: str | os.PathLike, key: str | None = None, dataset: 
                 if key is None or k == key:
                     return _read_indexed(tar_path, k, members)
         else:
-            for sample in _scan_tar(tar_path):
+            for sample in scan_tar(tar_path):
                 if key is None or sample.key == key:
                     return sample
     raise DataError(f"key {key!r} not found in {root} ({len(tars)} shard files searched)")
