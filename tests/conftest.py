@@ -32,12 +32,12 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trainer tests' tiny set: 3 classes x 3 synthetic 3 s videos, 2 segments each (64 + 11 frames),
     short side 64, 3 tars, in the shuffled order `xdctools shard` writes. Made once per session."""
     from xdctools.shard.params import ShardParams
-    from xdctools.shard.plan import build_plan
+    from xdctools.shard.plan import build_plan, shuffle_plan
     from xdctools.shard.run import run_shard
     from xdctools.synth import SynthParams, synthesize
 
     root = tmp_path_factory.mktemp("xdc-tiny")
     synthesize(root / "videos", SynthParams(classes=3, per_class=3, seconds=3.0, size=(96, 64)))
-    plan = build_plan(root / "videos", shuffle_seed=0)
+    plan = shuffle_plan(build_plan(root / "videos"), 0)
     run_shard(plan, ShardParams(short_side=64), root / "shards", shard_size=3, workers=2)
     return root / "shards"

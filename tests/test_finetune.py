@@ -45,7 +45,7 @@ from xdctools.commands.finetune import finetune
 from xdctools.errors import ConfigError, DataError, InputError
 from xdctools.eval_recipe import TABLE_12_LRS, load_eval_recipe, parse_eval_recipe
 from xdctools.shard.params import ShardParams
-from xdctools.shard.plan import build_plan
+from xdctools.shard.plan import build_plan, shuffle_plan
 from xdctools.shard.run import run_shard
 from xdctools.synth import SynthParams, synthesize
 
@@ -73,7 +73,7 @@ def synth_shards(tmp_path_factory) -> Path:
         test = f.stem.endswith("_0003")
         rows.append(f"{rel},{rel.split('/')[0]},{'split1-test' if test else 'split1-train'}")
     (root / "videos" / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return _shard(build_plan(root / "videos" / "manifest.csv", shuffle_seed=0), root / "shards")
+    return _shard(shuffle_plan(build_plan(root / "videos" / "manifest.csv"), 0), root / "shards")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def esc_shards(tmp_path_factory, shared_dir: Path) -> Path:
             os.symlink(shared_dir / "data" / "fsdd" / "recordings" / name, root / "audio" / name)
             rows.append(f"{name},{fold},{digit},digit{digit},False,{fold},A")
     (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    return _shard(build_plan(root, shuffle_seed=0), root / "shards")
+    return _shard(shuffle_plan(build_plan(root), 0), root / "shards")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def unlabelled_shards(tiny_shards: Path) -> Path:
     """Two of the tiny set's videos sharded as a flat folder: no class labels."""
     from xdctools.shard.params import ShardParams
-    from xdctools.shard.plan import build_plan
+    from xdctools.shard.plan import build_plan, shuffle_plan
     from xdctools.shard.run import run_shard
 
     root = tiny_shards.parent
@@ -42,7 +42,7 @@ def unlabelled_shards(tiny_shards: Path) -> Path:
         for video in sorted((root / "videos").glob("*/*.mp4"))[:2]:
             (flat / video.name).write_bytes(video.read_bytes())
         run_shard(
-            build_plan(flat, kind="folder", shuffle_seed=0),
+            shuffle_plan(build_plan(flat, kind="folder"), 0),
             ShardParams(short_side=64),
             root / "unlabelled",
             shard_size=2,

@@ -209,6 +209,34 @@ def test_audio_required_rejects_missing_and_silent_audio(media_dir: Path) -> Non
     assert ok.ok and ok.meta["has_audio"]
 
 
+def damage_audio_packets(src: Path, dst: Path, every: int = 3, count: int = 10) -> None:
+    """Copy src with the payload of `count` of its audio packets overwritten by noise."""
+    packets = ffprobe(src, "-select_streams", "a:0", "-show_entries", "packet=pos,size")["packets"]
+    data = bytearray(src.read_bytes())
+    rng = np.random.default_rng(0)
+    for packet in packets[10 : 10 + every * count : every]:
+        pos, size = int(packet["pos"]), int(packet["size"])
+        data[pos + 2 : pos + size] = rng.integers(0, 256, size - 2, dtype=np.uint8).tobytes()
+    dst.write_bytes(bytes(data))
+
+
+def test_damaged_audio_is_dropped_or_fails_when_required(
+    media_dir: Path, tmp_path: Path, swept: dict[str, JobResult]
+) -> None:
+    assert all(r.meta["audio_decode_errors"] == 0 for r in swept.values() if r.ok)  # good files: none
+    damaged = tmp_path / "bunny_bad_audio.mp4"
+    damage_audio_packets(media_dir / "edge/big_buck_bunny_small.mp4", damaged)
+    job = Job(set_name="test", index=0, path=str(damaged), name="bunny_bad_audio")
+    kept = process_job(job, SMALL)  # the video is intact: kept, its damaged audio dropped
+    assert kept.ok and not kept.meta["has_audio"] and kept.meta["audio_decode_errors"] == 10
+    doc = json.loads(members(kept.samples[0])[fmt.META_EXT])
+    assert doc["audio"]["decode_errors"] == 10 and doc["audio"]["has_audio"] is False
+    assert fmt.decode_info(members(kept.samples[0])[fmt.INFO_EXT])["has_audio"] == 0
+    strict = process_job(job, ShardParams(short_side=64, audio_required=True))
+    assert strict.reason == "corrupt_stream"
+    assert strict.detail.startswith("audio: 10 decode error(s): Error while decoding stream #0:1")
+
+
 def test_rotation_90_swaps_width_and_height(media_dir: Path) -> None:
     result = process_job(job_for(media_dir, "edge/rotated_90.mov"), ShardParams(short_side=64, min_frames=2))
     assert result.ok, result.detail

@@ -425,15 +425,15 @@ def test_shuffled_order_mixes_the_classes(tmp_path: Path, media_dir: Path) -> No
         for n in range(12):
             link(clip, tmp_path / "digits" / str(digit) / f"{digit}_{n:02d}.avi")
     by_name = build_plan(tmp_path / "digits")
-    shuffled = build_plan(tmp_path / "digits", shuffle_seed=0)
+    shuffled = shuffle_plan(by_name, 0)
     (named,), (mixed,) = by_name.sets.values(), shuffled.sets.values()
     assert by_name.shuffle_seed is None and shuffled.shuffle_seed == 0
     assert sorted(j.name for j in mixed) == [j.name for j in named]
     assert [j.index for j in mixed] == list(range(120))
     quarter = [{j.class_index for j in jobs[:30]} for jobs in (named, mixed)]
     assert len(quarter[0]) == 3 and len(quarter[1]) >= 8  # 30 neighbours: 3 classes vs nearly all
-    assert build_plan(tmp_path / "digits", shuffle_seed=0) == shuffled  # a rerun or another node agrees
-    other = build_plan(tmp_path / "digits", shuffle_seed=1)
+    assert shuffle_plan(build_plan(tmp_path / "digits"), 0) == shuffled  # a rerun or another node agrees
+    other = shuffle_plan(by_name, 1)
     assert [j.name for j in other.sets["train"]] != [j.name for j in mixed]
     assert len({plan_fingerprint(p) for p in (by_name, shuffled, other)}) == 3  # no resume across orders
     with pytest.raises(ConfigError, match="already shuffled"):

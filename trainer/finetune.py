@@ -542,7 +542,8 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
     started = time.time()
     root = recipe.data.shards
     train_shards = open_sets(root, split.train, video=recipe.data.modality == "video")
-    warn_if_name_ordered(train_shards)
+    if dist.is_main:  # once, not once per rank
+        warn_if_name_ordered(train_shards)
     test_shards = open_sets(root, [split.test], video=recipe.data.modality == "video")
     audio_only = is_audio_only(train_shards)
     if is_audio_only(test_shards) != audio_only:

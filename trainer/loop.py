@@ -162,7 +162,8 @@ def open_session(recipe: Recipe, *, resume: bool, progress: Progress | None) -> 
     run_dir = Path(recipe.run.out)
     shards = find_shards(recipe.data.shards, recipe.data.train_set)
     check_clip(recipe, shards)
-    warn_if_name_ordered(shards)
+    if dist.is_main:  # once, not once per rank
+        warn_if_name_ordered(shards)
     catalog = read_catalog(shards)
     if recipe.method == "superv" and not catalog.has_labels:
         raise DataError(

@@ -181,7 +181,7 @@ def shard(
     from tqdm import tqdm
 
     from xdctools.shard.params import ShardParams
-    from xdctools.shard.plan import build_plan
+    from xdctools.shard.plan import build_plan, shuffle_plan
     from xdctools.shard.run import run_shard
 
     split_ids = parse_split(split)
@@ -194,8 +194,9 @@ def shard(
         manifest=manifest,
         classes=classes,
         set_name=set_name,
-        shuffle_seed=seed if order == "shuffled" else None,
     )
+    if order == "shuffled":
+        plan = shuffle_plan(plan, seed)
     params = ShardParams(
         codec=codec,
         short_side=short_side,

@@ -63,7 +63,7 @@ INFO_FIELDS = (
     "fps_num",  # frame rate of the stored video, as a fraction
     "fps_den",
     "label",  # class index, -1 when unknown
-    "has_audio",  # 1 when the source had a non-silent audio track
+    "has_audio",  # 1 when the source had a non-silent, undamaged audio track
     "mel_frames",  # width of the stored mel
 )
 INFO = {name: i for i, name in enumerate(INFO_FIELDS)}

@@ -655,9 +655,9 @@ def process_job(job: Job, params: ShardParams) -> JobResult:
         args = build_command(os.path.abspath(job.path), summary, job, params, fps or Fraction(1), size)
         with tempfile.TemporaryDirectory(prefix="xdc-job-") as tmp:
             code, stderr = run_ffmpeg(args, tmp, params.timeout_s)
-            check_ffmpeg(code, stderr, job, summary)
+            audio_errors = check_ffmpeg(code, stderr, job, summary, params.audio_required)
             out = read_outputs(Path(tmp), summary["audio"] is not None)
-        return assemble(job, params, summary, fps, size, out)
+        return assemble(job, params, summary, fps, size, out, audio_errors=len(audio_errors))
     except MediaFailure as exc:
         return JobResult(ok=False, reason=exc.reason, detail=exc.detail)
 
@@ -667,15 +667,24 @@ def _size_args(summary: dict) -> dict:
     return {k: video[k] for k in ("width", "height", "sar", "rotation")}
 
 
-def check_ffmpeg(code: int, stderr: str, job: Job, summary: dict) -> None:
-    """Decode errors in the kept stream -> corrupt_stream; any other failure -> ffmpeg_failed."""
+def check_ffmpeg(code: int, stderr: str, job: Job, summary: dict, audio_required: bool) -> list[str]:
+    """Decode errors in the kept stream -> corrupt_stream; any other failure -> ffmpeg_failed.
+
+    Returns the decode errors of a video job's audio stream: ffmpeg fills the rejected packets with
+    silence, so that audio is damaged (the job fails when audio is required; else it is dropped).
+    """
     kept = summary["audio"]["index"] if job.audio_only else summary["video"]["index"]
     errors = decode_errors(stderr, kept)
     if errors:
         raise MediaFailure(CORRUPT_STREAM, f"{len(errors)} decode error(s): {errors[0]}")
+    audio = None if job.audio_only else summary["audio"]
+    audio_errors = [] if audio is None else decode_errors(stderr, audio["index"])
+    if audio_errors and audio_required:
+        raise MediaFailure(CORRUPT_STREAM, f"audio: {len(audio_errors)} decode error(s): {audio_errors[0]}")
     if code != 0:
         detail = _stderr_summary(stderr.encode(), job.path, last=1) or f"ffmpeg exit {code}"
         raise MediaFailure(FFMPEG_FAILED, detail)
+    return audio_errors
 
 
 def read_outputs(workdir: Path, has_audio_stream: bool) -> Transcoded:
@@ -698,8 +707,12 @@ def assemble(
     fps: Fraction | None,
     size: tuple[int, int],
     out: Transcoded,
+    audio_errors: int = 0,
 ) -> JobResult:
-    """Judge the audio and the frame count, compute the mel and build the samples (no I/O)."""
+    """Judge the audio and the frame count, compute the mel and build the samples (no I/O).
+
+    audio_errors: decode errors ffmpeg reported in a video job's audio stream; such audio is dropped.
+    """
     audio = out.audio
     if audio is not None and audio.size == 0:
         if job.audio_only or params.audio_required:
@@ -709,13 +722,14 @@ def assemble(
     silent = level is not None and level < SILENCE_DBFS
     if silent and params.audio_required:
         raise MediaFailure(SILENT_AUDIO, f"RMS {level:.1f} dBFS is below {SILENCE_DBFS:g} dBFS")
-    has_audio = audio is not None and not silent
+    has_audio = audio is not None and not silent and not audio_errors
     meta = {
         "source": {"path": job.path, **summary},
         "has_audio": has_audio,
         "audio_silent": None if audio is None else silent,
         "audio_rms_dbfs": None if level is None or not math.isfinite(level) else round(level, 2),
         "audio_samples": 0 if audio is None else int(audio.size),
+        "audio_decode_errors": audio_errors,
         "trim": None if job.start is None and job.end is None else [job.start, job.end],
     }
 

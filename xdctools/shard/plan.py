@@ -42,7 +42,6 @@ def build_plan(
     manifest: Path | None = None,
     classes: Path | None = None,
     set_name: str = "train",
-    shuffle_seed: int | None = None,
 ) -> Plan:
     """The jobs for `xdctools shard`, grouped into shard sets.
 
@@ -52,43 +51,10 @@ def build_plan(
     ("1 Name" lines or one name per line) that fixes class names and indices. `set_name` names the
     single set of unsplit inputs.
 
-    Within a set, jobs are sorted by name and `index` is their position; with `shuffle_seed` they are
-    then permuted (see `shuffle_plan`). Every set holds at least one job. Annotated files absent from
-    disk are listed in `Plan.missing`.
+    Within a set, jobs are sorted by name and `index` is their position (`shuffle_plan` permutes
+    them). Every set holds at least one job. Annotated files absent from disk are listed in
+    `Plan.missing`.
     """
-    plan = _plan(root, kind, csv, splits, split_ids, manifest, classes, set_name)
-    return plan if shuffle_seed is None else shuffle_plan(plan, shuffle_seed)
-
-
-def shuffle_plan(plan: Plan, seed: int) -> Plan:
-    """The jobs of each set in a seeded random order, renumbered.
-
-    Name order is class order for class folders, csvs and split lists, and DALI's reader mixes only
-    within its shuffle buffer (1,024 samples): on name-ordered shards a training batch holds a few
-    neighbouring classes (measured on the digits set: no 3 or 4 in the first 512 clips of every epoch).
-    WebDataset's advice holds: shuffle before sharding. The permutation is a function of the seed, the
-    set's name and its name-sorted jobs, so a rerun, a resume or another node computes the same plan.
-    """
-    if plan.shuffle_seed is not None:
-        raise ConfigError("shuffle_plan: the plan is already shuffled")
-    sets = {}
-    for set_name, jobs in plan.sets.items():
-        order = list(jobs)
-        random.Random(f"xdctools-shard/{seed}/{set_name}").shuffle(order)
-        sets[set_name] = [replace(job, index=i) for i, job in enumerate(order)]
-    return replace(plan, sets=sets, shuffle_seed=seed)
-
-
-def _plan(
-    root: str | Path,
-    kind: str | None,
-    csv: Path | None,
-    splits: Path | None,
-    split_ids: Sequence[int] | str | None,
-    manifest: Path | None,
-    classes: Path | None,
-    set_name: str,
-) -> Plan:
     root = Path(root)
     if manifest is None and kind in (None, "manifest") and root.suffix.lower() in MANIFEST_SUFFIXES:
         manifest = root
@@ -114,6 +80,25 @@ def _plan(
     if kind == "ucf101":
         return _plan_ucf101(root, Path(splits), split_ids, classes)
     return _plan_hmdb51(root, Path(splits), split_ids, classes)
+
+
+def shuffle_plan(plan: Plan, seed: int) -> Plan:
+    """The jobs of each set in a seeded random order, renumbered.
+
+    Name order is class order for class folders, csvs and split lists, and DALI's reader mixes only
+    within its shuffle buffer (1,024 samples): on name-ordered shards a training batch holds a few
+    neighbouring classes (measured on the digits set: no 3 or 4 in the first 512 clips of every epoch).
+    WebDataset's advice holds: shuffle before sharding. The permutation is a function of the seed, the
+    set's name and its name-sorted jobs, so a rerun, a resume or another node computes the same plan.
+    """
+    if plan.shuffle_seed is not None:
+        raise ConfigError("shuffle_plan: the plan is already shuffled")
+    sets = {}
+    for set_name, jobs in plan.sets.items():
+        order = list(jobs)
+        random.Random(f"xdctools-shard/{seed}/{set_name}").shuffle(order)
+        sets[set_name] = [replace(job, index=i) for i, job in enumerate(order)]
+    return replace(plan, sets=sets, shuffle_seed=seed)
 
 
 def detect_kind(

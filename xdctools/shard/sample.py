@@ -148,6 +148,7 @@ def metadata_json(
             "channels": src_audio.get("channels"),
             "stored_sample_rate": params.sample_rate,
             "stored_samples": meta.get("audio_samples", 0),
+            "decode_errors": meta.get("audio_decode_errors", 0),
         },
         "mel": {**MEL_PARAMS, "frames": mel_frames},
         "codec": params.to_dict(output_only=True),
