@@ -176,6 +176,8 @@ def test_xdc_iterations_end_to_end_with_heads_reset(shards: Path, tmp_path: Path
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())
     assert [r["iteration"] for r in result.iterations] == [0, 1, 2]  # 2 = the final encoders
+    stores = sorted(p.name for p in (run / "features").iterdir())  # older iterations' deleted
+    assert stores == ["final.zarr", "it001.zarr"]
     assert {"nmi_video", "nmi_audio", "probe_video", "probe_audio"} <= set(result.iterations[0])
     assert {"it000 extract train", "it000 epoch 1/1", "it001 epoch 1/1", "final extract train"} <= set(stages)
 
@@ -296,11 +298,14 @@ def test_killed_run_resumes_to_the_uninterrupted_state(shards: Path, tmp_path: P
 def test_every_clustering_method_trains(shards: Path, tmp_path: Path, method: str) -> None:
     changes = {
         "method": method,
-        "clustering": {"k": 3, "iterations": 1, "niter": 5},
+        "clustering": {"k": 3, "iterations": 2, "niter": 5},
         "optim": {"epoch_size": 4},
+        "run": {"keep_features": True},
     }
     recipe = parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "run", **changes)))
     result = loop.run(recipe)
+    stores = sorted(p.name for p in (tmp_path / "run" / "features").iterdir())
+    assert stores == ["final.zarr", "it000.zarr", "it001.zarr"]  # every iteration's kept
     views = {"sdc": ["video", "audio"], "mdc": ["video", "audio"], "cdc": ["cdc"]}[method]
     assert sorted(k[4:] for k in result.iterations[0] if k.startswith("nmi_")) == sorted(views)
     state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][2])

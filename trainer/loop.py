@@ -571,7 +571,7 @@ def save(s: Session, state: State) -> None:
             checkpoint_path(s.run_dir, state.iteration, state.epoch), pack(s, state), digest=s.digest
         )
         prune_checkpoints(s.run_dir, keep_last=2)
-        if state.epoch == 0:  # the labels are safe: older feature stores are no longer needed
+        if state.epoch == 0 and not s.recipe.run.keep_features:  # the labels are safe: older stores unneeded
             for old in (s.run_dir / "features").glob("it*.zarr"):
                 if old.name < f"it{state.iteration:03d}":
                     shutil.rmtree(old, ignore_errors=True)

@@ -44,6 +44,7 @@ RUNTIME_FIELDS = frozenset(
         "run.out",
         "run.log_every",
         "run.checkpoint_every",
+        "run.keep_features",
     }
 )
 
@@ -201,6 +202,9 @@ class Run(Section):
     out: str = Field(min_length=1)  # run folder (relative: to the working directory); default runs/<name>
     log_every: int = Field(default=50, ge=1)  # optimizer steps between metric lines
     checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints (and one per iteration)
+    # Keep every iteration's feature stores, e.g. to study what the random encoders' clusters follow;
+    # by default an iteration's store is deleted once the next one's labels are checkpointed.
+    keep_features: bool = False
     # After each iteration, a linear probe on true labels of frozen features (when the shards have labels).
     probe: bool = False
     # Shard set the probe is scored on; null: the training set's held-out videos (val_fraction).
