@@ -32,3 +32,38 @@ def test_clusters_that_follow_the_background_score_on_it_not_on_the_digit():
     assert nmi["background"] == pytest.approx(1.0) and nmi["digit"] < 0.05
     nmi = factors.factor_nmi(records, np.array([r["digit"] for r in records]))
     assert nmi["digit"] == pytest.approx(1.0) and nmi["background"] < 0.05
+
+
+def test_feature_store_variants_score_each_view_against_the_factors(tmp_path, capsys):
+    """--features: video features that encode the background, audio ones the digit, rows out of order."""
+    from xdctools.features.store import create_store
+
+    rng = np.random.default_rng(0)
+    n, dim = 400, 40
+    backgrounds = ([230, 20, 20], [20, 20, 230], [20, 200, 20], [20, 20, 20])
+    digit, background = rng.integers(0, 10, n), rng.integers(0, 4, n)
+    described = {
+        f"v{i}": {
+            "digit": int(d),
+            "speaker": "s",
+            "nuisance": {"background": backgrounds[b], "ink": [255] * 3},
+        }
+        for i, (d, b) in enumerate(zip(digit, background, strict=True))
+    }
+    sources = {7 * i + 3: f"v{i}" for i in range(n)}  # video index (info.npy) -> source name
+    rows = rng.permutation(n)  # the store's row order is not the video order
+    centres = rng.normal(size=(10, dim)) * 4
+    feats = {
+        "video": centres[background[rows]] + rng.normal(size=(n, dim)),
+        "audio": centres[digit[rows]] + rng.normal(size=(n, dim)),
+    }
+    store = create_store(tmp_path / "it000.zarr", n, {m: dim for m in feats}, chunk_rows=n)
+    store.write_rows(0, {m: f.astype(np.float32) for m, f in feats.items()}, (7 * rows + 3).astype(np.int64))
+    factors.print_variants([store.path], described, sources, seed=0)
+    table = [line.removesuffix(" |").split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(table) == 2 * len(factors.VARIANTS)
+    score = {(view, variant): [float(c) for c in cells] for _, view, variant, *cells in table}
+    digit_nmi, _, background_nmi, _ = score[("video", "k=20")]
+    assert background_nmi > 0.6 and digit_nmi < 0.1
+    digit_nmi, _, background_nmi, _ = score[("audio", "k=20")]
+    assert digit_nmi > 0.6 and background_nmi < 0.1
