@@ -82,35 +82,51 @@ def main() -> None:
     sources = video_sources(find_shards(args.shards, args.set).tars)
     if args.features:
         print_variants(args.features, described, sources, args.seed)
-        return
-    print("| run | view | clusters | " + " | ".join(f"NMI {f}" for f in FACTORS) + " |")
-    print("|---|---|---|" + "---:|" * len(FACTORS))
-    for run in args.runs:
+    else:
+        print_runs(args.runs, described, sources)
+
+
+def table_header(*columns: str) -> str:
+    """The first two lines of a markdown table: `columns`, then one NMI column per factor."""
+    names = [*columns, *(f"NMI {f}" for f in FACTORS)]
+    return "| " + " | ".join(names) + " |\n|" + "---|" * len(columns) + "---:|" * len(FACTORS)
+
+
+def table_row(
+    cells: Sequence[str],
+    described: Mapping,
+    sources: Mapping[int, str],
+    index: np.ndarray,
+    labels: np.ndarray,
+) -> str:
+    """`cells`, then the NMI with each factor of the clusters `labels` of the videos `index`."""
+    nmi = factor_nmi([described[sources[int(v)]] for v in index], labels)
+    return "| " + " | ".join([*cells, *(f"{nmi[f]:.3f}" for f in FACTORS)]) + " |"
+
+
+def print_runs(runs: Sequence[Path], described: Mapping, sources: Mapping[int, str]) -> None:
+    print(table_header("run", "view", "clusters"))
+    for run in runs:
         for view in ("video", "audio", "cdc"):
             for when in ("it000", "final"):
                 folder = run / "clusters" / f"{when}-{view}"
                 if not folder.exists():
                     continue
-                records = [described[sources[int(v)]] for v in np.load(folder / "index.npy")]
-                nmi = factor_nmi(records, np.load(folder / "labels.npy"))
-                cells = " | ".join(f"{nmi[f]:.3f}" for f in FACTORS)
                 label = "random (it. 0)" if when == "it000" else "final"
-                print(f"| {run.name} | {view} | {label} | {cells} |")
+                index, labels = np.load(folder / "index.npy"), np.load(folder / "labels.npy")
+                print(table_row([run.name, view, label], described, sources, index, labels))
 
 
 def print_variants(stores: Sequence[Path], described: Mapping, sources: Mapping[int, str], seed: int) -> None:
     from xdctools.cluster import cluster_store
 
-    print("| store | view | k-means | " + " | ".join(f"NMI {f}" for f in FACTORS) + " |")
-    print("|---|---|---|" + "---:|" * len(FACTORS))
+    print(table_header("store", "view", "k-means"))
     for store in stores:
         for view in ("video", "audio"):
             for name, kwargs in VARIANTS.items():
                 result = cluster_store(store, view=view, seed=seed, gpu=False, **kwargs)
-                records = [described[sources[int(v)]] for v in result.index]
-                nmi = factor_nmi(records, result.labels)
-                cells = " | ".join(f"{nmi[f]:.3f}" for f in FACTORS)
-                print(f"| {store} | {view} | {name} | {cells} |", flush=True)
+                row = table_row([str(store), view, name], described, sources, result.index, result.labels)
+                print(row, flush=True)
 
 
 if __name__ == "__main__":
