@@ -18,7 +18,15 @@ from faiss.contrib.clustering import kmeans as contrib_kmeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from xdctools.cluster.assign import ChunkAssign, StoreRows, l2_normalize
-from xdctools.cluster.kmeans import cluster_array, cluster_store, load_result, sample_rows, save_result
+from xdctools.cluster.kmeans import (
+    RESEED_ROUNDS,
+    cluster_array,
+    cluster_store,
+    load_result,
+    reseed_centroids,
+    sample_rows,
+    save_result,
+)
 from xdctools.cluster.report import cluster_metrics, format_table, purity, rank_clusters, top_bottom
 from xdctools.commands.cluster import cluster
 from xdctools.errors import ConfigError, DataError
@@ -212,6 +220,105 @@ def test_empty_clusters_are_split_and_reported(fsdd: dict) -> None:
     assert sizes.sum() == len(x) and result.stats["imbalance"] > 1
 
 
+def collapsed(fsdd: dict, copies: int = 100) -> np.ndarray:
+    """The 360 real MFCC rows plus `copies` copies of one of them (a share of clips an encoder collapsed)."""
+    x = np.concatenate([fsdd["audio"], np.repeat(fsdd["audio"][:1], copies, axis=0)])
+    return x[np.random.default_rng(0).permutation(len(x))]
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_clusters_left_empty_by_the_assignment_are_reseeded(fsdd: dict, spherical: bool) -> None:
+    # A sample of k rows (--sample-per-centroid 1) holds several copies of the collapsed row: faiss cannot
+    # split identical rows, so it ends with centroids no row is nearest to, in the sample and in all rows.
+    x = collapsed(fsdd)
+    kw = dict(k=32, niter=10, seed=0, sample_per_centroid=1, spherical=spherical, gpu=False)
+    plain = cluster_array(x, reseed_empty=False, **kw)
+    empty = plain.stats["empty_clusters"]
+    assert len(empty) >= 3 and (plain.sizes[empty] == 0).all()
+    assert plain.stats["reseeded"] == {"empty_before": len(empty), "rounds": 0, "clusters": 0}
+
+    fixed = cluster_array(x, **kw)
+    assert fixed.stats["empty_clusters"] == [] and fixed.stats["min_size"] >= 1
+    np.testing.assert_array_equal(np.unique(fixed.labels), np.arange(32))
+    assert fixed.stats["params"]["reseed_empty"] and not plain.stats["params"]["reseed_empty"]
+    reseeded = fixed.stats["reseeded"]
+    assert reseeded["empty_before"] == len(empty) and 1 <= reseeded["rounds"] <= RESEED_ROUNDS
+    assert reseeded["clusters"] >= len(empty)
+    # labels, distances and centroids agree: every row at its squared distance to the nearest centroid
+    xs = l2_normalize(x.copy()) if spherical else x
+    full = ((xs[:, None, :].astype(np.float64) - fixed.centroids[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(fixed.distances, full[np.arange(len(x)), fixed.labels], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fixed.distances, full.min(1), rtol=1e-5, atol=1e-5)
+    if spherical:
+        np.testing.assert_allclose(np.linalg.norm(fixed.centroids, axis=1), 1, rtol=1e-5)
+    assert fixed.stats["objective"] < plain.stats["objective"]
+    again = cluster_array(x, **kw)  # seeded by --seed: reproducible
+    assert again.labels.tobytes() == fixed.labels.tobytes()
+    np.testing.assert_array_equal(again.centroids, fixed.centroids)
+
+
+def test_reseed_rule_splits_a_donor_of_size_above_one() -> None:
+    centroids = np.arange(1, 21, dtype=np.float32).reshape(5, 4)
+    # donors: 2 (weight 3 - 1) and 3 (weight 7 - 1); clusters 1 and 4 have no row to spare
+    counts = np.array([0, 1, 3, 7, 1])
+    fac = np.array([1 + 1 / 1024, 1 - 1 / 1024] * 2, dtype=np.float32)
+    donors = []
+    for seed in range(400):
+        new, n = reseed_centroids(centroids, counts, np.random.RandomState(seed))
+        assert n == 1
+        (donor,) = [c for c in (2, 3) if not np.array_equal(new[c], centroids[c])]
+        np.testing.assert_allclose(new[0], centroids[donor] * fac, rtol=1e-6)
+        np.testing.assert_allclose(new[donor], centroids[donor] / fac, rtol=1e-6)
+        np.testing.assert_array_equal(
+            np.delete(new, [0, donor], axis=0), np.delete(centroids, [0, donor], axis=0)
+        )
+        donors.append(donor)
+    assert 0.65 < np.mean(np.array(donors) == 3) < 0.85  # drawn with probability 6/8
+    assert counts.tolist() == [0, 1, 3, 7, 1] and centroids[0, 0] == 1  # inputs left alone
+
+    a, _ = reseed_centroids(centroids, counts, np.random.RandomState(7))
+    b, _ = reseed_centroids(centroids, counts, np.random.RandomState(7))
+    assert a.tobytes() == b.tobytes()
+
+    # two empties, one spare row: only the first is re-seeded; no spare row at all: nothing to do
+    new, n = reseed_centroids(centroids, [0, 2, 0, 1, 1], np.random.RandomState(0))
+    assert n == 1 and np.array_equal(new[2], centroids[2]) and not np.array_equal(new[0], centroids[0])
+    new, n = reseed_centroids(centroids, [0, 1, 1, 0, 1], np.random.RandomState(0))
+    assert n == 0 and np.array_equal(new, centroids)
+    new, n = reseed_centroids(centroids, [2, 1, 1, 1, 1], np.random.RandomState(0))
+    assert n == 0 and np.array_equal(new, centroids)
+
+    # spherical: unit norm again, and the pair still points apart (the perturbation alternates by dimension)
+    unit = l2_normalize(centroids.copy())
+    new, _ = reseed_centroids(unit, [0, 1, 1, 5, 1], np.random.RandomState(0), spherical=True)
+    np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1, rtol=1e-6)
+    assert float(new[0] @ new[3]) < 1 - 1e-7
+
+
+def test_clusters_that_cannot_be_filled_are_reported(fsdd: dict) -> None:
+    x = np.repeat(fsdd["audio"][:30], 12, axis=0)  # 30 distinct rows for 40 clusters
+    result = cluster_array(x, k=40, niter=5, seed=0, gpu=False)
+    sizes = np.asarray(result.stats["sizes"])
+    assert len(result.stats["empty_clusters"]) == 40 - np.count_nonzero(sizes) >= 10  # at most 30 filled
+    assert result.stats["reseeded"]["rounds"] == RESEED_ROUNDS  # bounded: gives up, no error
+    assert result.stats["reseeded"]["empty_before"] >= len(result.stats["empty_clusters"])
+    assert sizes.sum() == len(x)
+
+
+def test_reseeding_changes_nothing_without_empty_clusters(store_path: Path) -> None:
+    on = cluster_store(store_path, k=12, view="audio", niter=10, seed=1, gpu=False)
+    off = cluster_store(store_path, k=12, view="audio", niter=10, seed=1, gpu=False, reseed_empty=False)
+    assert on.stats["empty_clusters"] == [] and on.stats["reseeded"] == off.stats["reseeded"]
+    assert on.stats["reseeded"] == {"empty_before": 0, "rounds": 0, "clusters": 0}
+    assert on.labels.tobytes() == off.labels.tobytes()
+    assert on.distances.tobytes() == off.distances.tobytes()
+    assert on.centroids.tobytes() == off.centroids.tobytes()
+    skip = ("params", "timings")
+    assert {k: v for k, v in on.stats.items() if k not in skip} == {
+        k: v for k, v in off.stats.items() if k not in skip
+    }
+
+
 def test_spherical_and_pca_whitening(fsdd: dict) -> None:
     x = fsdd["video"]
     unit = l2_normalize(x.copy())
@@ -354,6 +461,26 @@ def test_cli_clusters_and_reports(store_path: Path, fsdd: dict, tmp_path: Path) 
     name, fraction = SPEAKERS[top["classes"][0][0]], top["classes"][0][1]
     assert f"{name}({fraction:.2f})" in (out2 / "clusters.txt").read_text().splitlines()[1]
     assert "(" in (out / "clusters.txt").read_text() and "george(" not in (out / "clusters.txt").read_text()
+
+
+def test_cli_reseed_empty_flag(fsdd: dict, tmp_path: Path) -> None:
+    x = collapsed(fsdd)
+    path = make_store(tmp_path / "c.zarr", {"audio": x, "index": np.arange(len(x))}, modalities=("audio",))
+    args = [str(path), "--k", "32", "--view", "audio", "--sample-per-centroid", "1", "--niter", "10"]
+    runner = CliRunner()
+    res = runner.invoke(cluster, [*args, "--no-gpu", "-o", str(tmp_path / "on")])
+    assert res.exit_code == 0, res.output
+    on = json.loads((tmp_path / "on" / "stats.json").read_text())
+    res_off = runner.invoke(cluster, [*args, "--no-gpu", "--no-reseed-empty", "-o", str(tmp_path / "off")])
+    assert res_off.exit_code == 0, res_off.output
+    off = json.loads((tmp_path / "off" / "stats.json").read_text())
+    assert on["params"]["reseed_empty"] is True and off["params"]["reseed_empty"] is False
+    assert on["empty_clusters"] == [] and len(off["empty_clusters"]) == off["reseeded"]["empty_before"] > 0
+    r = on["reseeded"]
+    assert r["empty_before"] == len(off["empty_clusters"]) and off["reseeded"]["rounds"] == 0
+    line = f"{r['empty_before']} clusters empty after the assignment: {r['clusters']} re-seedings in "
+    assert f"{line}{r['rounds']} more passes, 0 still empty" in res.output
+    assert f"re-seedings in 0 more passes, {len(off['empty_clusters'])} still empty" in res_off.output
 
 
 def test_cli_bad_inputs_exit_nonzero_and_write_nothing(store_path: Path, fsdd: dict, tmp_path: Path) -> None:

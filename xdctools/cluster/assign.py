@@ -230,11 +230,17 @@ class ChunkAssign:
 
     # -- assignment ----------------------------------------------------------------------------
     def perform_search(
-        self, centroids: np.ndarray, label_dtype: type = np.int64
+        self,
+        centroids: np.ndarray,
+        label_dtype: type = np.int64,
+        out: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest centroid of every row: D (N,) float32 squared L2, I (N,) int (-1: non-finite row)."""
+        """Nearest centroid of every row: D (N,) float32 squared L2, I (N,) int (-1: non-finite row).
+
+        `out` (D, I) from an earlier pass is overwritten, so repeated passes hold one set of per-row outputs.
+        """
         n = self.source.n
-        dist, labels = np.empty(n, dtype=np.float32), np.empty(n, dtype=label_dtype)
+        dist, labels = out if out is not None else (np.empty(n, np.float32), np.empty(n, label_dtype))
         for start, block, d, i in self._search_blocks(centroids):
             dist[start : start + len(block)], labels[start : start + len(block)] = d, i
         self._finish_pass()

@@ -1,8 +1,12 @@
 """Out-of-core k-means: faiss on a uniform sample, optional streamed Lloyd passes, streamed assignment.
 
+Clusters the assignment over all rows leaves empty are re-seeded from large ones (faiss' split rule, as
+DeepCluster does) and every row reassigned, for at most RESEED_ROUNDS more streamed passes.
+
 Memory is the sample (k * sample_per_centroid rows, float32), two streamed blocks (16 MiB each) and the
 per-row outputs (labels int32, distances float32, sample index int64: 16 bytes a row; a refine pass
-holds 12 more), whatever the width of the store. Measured: benchmarks/cluster.py.
+holds 12 more, re-seeding passes reuse them), whatever the width of the store. Measured:
+benchmarks/cluster.py.
 
 Output folder written by `save_result` (built under a temporary name, then renamed into place):
   labels.npy      (N,) int32, aligned with the store's rows; -1 for dropped non-finite rows
@@ -10,7 +14,7 @@ Output folder written by `save_result` (built under a temporary name, then renam
   centroids.npy   (k, d) float32, in the clustered space (after PCA-whitening when used)
   index.npy       (N,) int64, the store's global sample index of each row (absent for an in-memory array)
   transform.npz   PCA matrix (d, d_in) and bias (d,), when PCA-whitening was used
-  stats.json      objective, cluster sizes, empty clusters, splits, imbalance, timings, parameters
+  stats.json      objective, cluster sizes, empty clusters, splits, re-seeding, imbalance, timings, parameters
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from xdctools.cluster.assign import (
 )
 from xdctools.errors import ConfigError, DataError
 from xdctools.features.store import open_store, write_folder
+
+RESEED_ROUNDS = 10  # most re-seed + reassign passes after the assignment, each one more read of every row
 
 
 @dataclass
@@ -96,6 +102,7 @@ def cluster_store(
     pca: int | None = None,
     gpu: bool | int | str = "auto",
     drop_nonfinite: bool = False,
+    reseed_empty: bool = True,
     progress: Progress | None = None,
 ) -> ClusterResult:
     """Cluster one view ("video", "audio" or "cdc") of a complete feature store."""
@@ -116,6 +123,7 @@ def cluster_store(
         pca=pca,
         gpu=gpu,
         drop_nonfinite=drop_nonfinite,
+        reseed_empty=reseed_empty,
         progress=progress,
     )
     result.index = store.read_index()
@@ -135,6 +143,7 @@ def cluster_array(
     pca: int | None = None,
     gpu: bool | int | str = "auto",
     drop_nonfinite: bool = False,
+    reseed_empty: bool = True,
     progress: Progress | None = None,
     block_rows: int | None = None,
 ) -> ClusterResult:
@@ -151,6 +160,7 @@ def cluster_array(
         pca=pca,
         gpu=gpu,
         drop_nonfinite=drop_nonfinite,
+        reseed_empty=reseed_empty,
         progress=progress,
         block_rows=block_rows,
     )
@@ -183,6 +193,7 @@ def _cluster(
     pca: int | None,
     gpu: bool | int | str,
     drop_nonfinite: bool,
+    reseed_empty: bool,
     progress: Progress | None,
     block_rows: int | None = None,
 ) -> ClusterResult:
@@ -269,6 +280,15 @@ def _cluster(
     assign.stage = "assign"
     dist, labels = assign.perform_search(centroids, label_dtype=np.int32)
     timings["assign_s"] = time.perf_counter() - t
+
+    # Empty clusters take a perturbed copy of a large one, then every row is assigned again (in place).
+    t = time.perf_counter()
+    empty_before = int(np.count_nonzero(np.bincount(labels[labels >= 0], minlength=k) == 0))
+    rounds = reseeds = 0
+    if reseed_empty and empty_before:
+        rs = np.random.RandomState(seed + 2)
+        centroids, rounds, reseeds = reseed_passes(assign, centroids, dist, labels, rs, spherical=spherical)
+    timings["reseed_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     dropped = assign.bad_rows
@@ -289,6 +309,7 @@ def _cluster(
             "pca": pca,
             "gpus": gpus,
             "drop_nonfinite": drop_nonfinite,
+            "reseed_empty": reseed_empty,
         },
         "sample_size": len(rows),
         "objective": float(dist[ok].sum(dtype=np.float64)),
@@ -301,11 +322,71 @@ def _cluster(
         "splits": train_splits + sum(s["splits"] for s in refine_stats),
         "train": {"objective": [float(o) for o in km.obj], "splits": train_splits},
         "refine": refine_stats,
+        "reseeded": {"empty_before": empty_before, "rounds": rounds, "clusters": reseeds},
         "dropped_rows": len(dropped),
         "dropped_first": dropped[:20].tolist(),
         "timings": timings,
     }
     return ClusterResult(labels=labels, distances=dist, centroids=centroids, stats=stats, transform=transform)
+
+
+def reseed_centroids(
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    rs: np.random.RandomState,
+    *,
+    spherical: bool = False,
+) -> tuple[np.ndarray, int]:
+    """Empty centroids take a perturbed copy of a donor; returns (new centroids, number re-seeded).
+
+    faiss' split rule (Clustering.cpp's split_clusters, here through faiss.contrib's `reassign_centroids`):
+    the donor is drawn with probability size - 1 among clusters of size > 1; the empty one becomes
+    donor * fac and the donor donor / fac, fac being 1 + 1/1024 and 1 - 1/1024 on alternate dimensions (so
+    a pair differs in direction, not only norm, and stays apart after l2 normalisation). A donor keeps one
+    of its rows, so at most sum(size - 1) empties are re-seeded, the lowest-numbered first; the others stay
+    empty. The inputs are left unchanged.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    empty = np.flatnonzero(counts == 0)
+    n = min(len(empty), int(np.maximum(counts - 1, 0).sum()))
+    new = np.array(centroids, dtype=np.float32)
+    if n == 0:
+        return new, 0
+    hassign = counts.copy()
+    hassign[empty[n:]] = 1  # neither empty nor a donor: faiss leaves them (and never runs out of donors)
+    nsplit = reassign_centroids(hassign, new, rs)
+    if spherical:
+        l2_normalize(new)
+    return new, int(nsplit)
+
+
+def reseed_passes(
+    assign: ChunkAssign,
+    centroids: np.ndarray,
+    dist: np.ndarray,
+    labels: np.ndarray,
+    rs: np.random.RandomState,
+    *,
+    spherical: bool,
+    rounds: int = RESEED_ROUNDS,
+) -> tuple[np.ndarray, int, int]:
+    """Re-seed empty clusters and reassign every row into `dist`, `labels` (in place), until none is empty.
+
+    Stops after `rounds` passes or when no cluster can spare a row; clusters that stay empty (e.g. fewer
+    distinct rows than k) are left to the caller to report. Returns (centroids, passes, re-seedings).
+    """
+    k, done, total = len(centroids), 0, 0
+    while done < rounds:
+        counts = np.bincount(labels[labels >= 0], minlength=k)
+        if counts.all():
+            break
+        centroids, n = reseed_centroids(centroids, counts, rs, spherical=spherical)
+        if n == 0:
+            break
+        done, total = done + 1, total + n
+        assign.stage = f"reseed {done}"
+        assign.perform_search(centroids, out=(dist, labels))
+    return centroids, done, total
 
 
 def save_result(

@@ -144,6 +144,12 @@ class _Bars:
     "--drop-nonfinite", is_flag=True, help="Leave NaN/inf rows unassigned (label -1) instead of failing."
 )
 @click.option(
+    "--reseed-empty/--no-reseed-empty",
+    default=True,
+    show_default=True,
+    help="Re-seed clusters the full assignment leaves empty from large ones, then reassign (DeepCluster).",
+)
+@click.option(
     "--labels",
     "labels_file",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -168,6 +174,7 @@ def cluster(
     pca: int | None,
     gpu: bool | None,
     drop_nonfinite: bool,
+    reseed_empty: bool,
     labels_file: Path | None,
     shards: Path | None,
     out: Path,
@@ -197,6 +204,7 @@ def cluster(
             pca=pca,
             gpu="auto" if gpu is None else gpu,
             drop_nonfinite=drop_nonfinite,
+            reseed_empty=reseed_empty,
             progress=bars,
         )
     finally:
@@ -221,13 +229,19 @@ def cluster(
         f"clustered {stats['n']} rows of {feats} (view {view}, d={stats['dim']}) into k={k} "
         f"in {t['total_s']:.1f} s "
         f"(sample {t['sample_s']:.1f}, train {t['train_s']:.1f}, refine {t['refine_s']:.1f}, "
-        f"assign {t['assign_s']:.1f})"
+        f"assign {t['assign_s']:.1f}, reseed {t['reseed_s']:.1f})"
     )
     click.echo(
         f"objective {stats['objective']:.6g} (mean {stats['mean_distance']:.4g}); sizes min {sizes.min()} / "
         f"median {int(np.median(sizes))} / max {sizes.max()}, {len(stats['empty_clusters'])} empty, "
         f"imbalance {stats['imbalance']:.3f}, {stats['splits']} splits"
     )
+    if (reseeded := stats["reseeded"])["empty_before"]:
+        click.echo(
+            f"{reseeded['empty_before']} clusters empty after the assignment: "
+            f"{reseeded['clusters']} re-seedings in {reseeded['rounds']} more passes, "
+            f"{len(stats['empty_clusters'])} still empty"
+        )
     if stats["dropped_rows"]:
         click.echo(f"dropped {stats['dropped_rows']} non-finite rows (label -1)")
     if truth is not None:
