@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from xdctools.commands.compare import compare
-from xdctools.compare import compare_rows, load_run, mean_rows, render_markdown
+from xdctools.compare import compare_rows, k_label, load_run, mean_rows, render_markdown
 from xdctools.errors import InputError
 
 
@@ -35,6 +35,23 @@ def test_rows_take_random_init_from_iteration_0_and_each_method_from_its_last_it
     assert "| XDC | x | 3 | 0.600 | 0.700 | – | 0.400 | – |" in text
     assert "| Superv | s | 1 | 0.900 | – | – | – | – |" in text
     assert "differs" not in text
+
+
+def test_k_per_view_is_a_column():
+    runs = [
+        {**_run("x", "xdc", START, {"iteration": 2, "probe_video": 0.6}), "k": "video 64, audio 128"},
+        {**_run("c", "cdc", START, {"iteration": 2, "probe_video": 0.5}), "k": "256"},
+        _run("s", "superv", START, {"iteration": 1, "probe_video": 0.9}),
+    ]
+    text = render_markdown(compare_rows(runs))
+    assert "| method | run | iterations | k | video probe |" in text
+    assert (
+        "| XDC | x | 2 | video 64, audio 128 | 0.600 |" in text and "| Superv | s | 1 | – | 0.900 |" in text
+    )
+    assert "| Random init | iteration 0 | 0 | – |" in text
+    means = mean_rows([*runs, {**runs[0], "run": "x1", "seed": 1, "k": "256"}])
+    assert [r.get("k") for r in means] == [None, "256; video 64, audio 128", "256", None]
+    assert k_label({"k": {"video": 64, "audio": 128}}) == "video 64, audio 128" and k_label(None) is None
 
 
 def test_runs_that_start_differently_are_flagged():

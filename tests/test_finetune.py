@@ -37,6 +37,7 @@ from trainer.finetune import (
     video_names,
     video_scores,
 )
+from trainer.log import read_metrics
 from trainer.models import MultiHead, r2plus1d_18, resnet18_audio
 from trainer.results import merge_entry, read_results
 from trainer.step import Learner
@@ -187,6 +188,27 @@ def test_fc_only_keeps_the_encoder_and_bn_stats_full_finetuning_changes_them(
         else:
             assert all(not torch.equal(after[k], pretrained[k]) for k in stats if "running" in k)
             assert not torch.equal(after["stem.0.weight"], pretrained["stem.0.weight"])
+
+
+def test_finetuning_scales_each_base_lr_with_the_gpus(synth_shards: Path, tmp_path: Path) -> None:
+    """Table 11/12 terms as pretraining: per-GPU batch, each grid lr x world size, Goyal warmup."""
+    paper = _recipe(
+        synth_shards,
+        tmp_path,
+        "optim.epoch_size=106000",
+        "optim.batch_size=32",
+        "optim.warmup_epochs=2",
+        "optim.step_epochs=2",
+        "optim.total_epochs=8",
+    )
+    model = make_classifier(r2plus1d_18(width=WIDTH), 2, "full")
+    _, on_8 = make_optimizer(model, paper, 0.004, world_size=8)
+    assert on_8.steps_per_epoch == 106_000 // 256 and on_8.lr == pytest.approx(0.004)  # warmup from the base
+    on_8.steps = 2 * on_8.steps_per_epoch
+    assert on_8.lr == pytest.approx(0.032)  # 8 x 0.004 after warmup
+    unscaled = _recipe(synth_shards, tmp_path, "optim.epoch_size=106000", "optim.lr_scaling=none")
+    _, flat = make_optimizer(model, unscaled, 0.004, world_size=8)
+    assert flat.lr == pytest.approx(0.004) and flat.schedule.base_lr == pytest.approx(0.004)
 
 
 class _Features(torch.nn.Module):
@@ -414,6 +436,10 @@ run: {{out: {out}, keep_checkpoints: 2}}
         assert done["videos"] == 2 and done["accuracy"] in (0.0, 0.5, 1.0)
         lines = (folder / "predictions.csv").read_text().splitlines()
         assert lines[0].startswith("video,name,label") and len(lines) == 3
+        schedule = [r for r in read_metrics(folder) if r["event"] == "schedule"]
+        assert [(r["world_size"], r["global_batch"], r["lr"], r["steps_per_epoch"]) for r in schedule] == [
+            (1, 4, float(lr), 2)
+        ]
     md = (out / "results.md").read_text()
     assert "| Method | Pretraining | TINY video all |" in md and "| Scratch | None |" in md and "**lr " in md
 

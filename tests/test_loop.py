@@ -296,9 +296,10 @@ def test_killed_run_resumes_to_the_uninterrupted_state(shards: Path, tmp_path: P
 
 @pytest.mark.parametrize("method", ["sdc", "mdc", "cdc"])
 def test_every_clustering_method_trains(shards: Path, tmp_path: Path, method: str) -> None:
+    k = 3 if method == "cdc" else {"video": 3, "audio": 2}  # one k per view, except the joint features
     changes = {
         "method": method,
-        "clustering": {"k": 3, "iterations": 2, "niter": 5},
+        "clustering": {"k": k, "iterations": 2, "niter": 5},
         "optim": {"epoch_size": 4},
         "run": {"keep_features": True},
     }
@@ -309,8 +310,22 @@ def test_every_clustering_method_trains(shards: Path, tmp_path: Path, method: st
     views = {"sdc": ["video", "audio"], "mdc": ["video", "audio"], "cdc": ["cdc"]}[method]
     assert sorted(k[4:] for k in result.iterations[0] if k.startswith("nmi_")) == sorted(views)
     state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][2])
-    heads = {k.split(".")[3] for k in state["model"] if k.startswith("heads.video.")}
-    assert heads == ({"own", "other"} if method == "mdc" else {"own"})
+    outputs = {
+        tuple(name.split(".")[1:4:2]): w.shape[0]
+        for name, w in state["model"].items()
+        if name.startswith("heads.") and name.endswith(".weight")
+    }
+    expected = {
+        "sdc": {("video", "own"): 3, ("audio", "own"): 2},
+        "mdc": {("video", "own"): 3, ("video", "other"): 2, ("audio", "own"): 2, ("audio", "other"): 3},
+        "cdc": {("video", "own"): 3, ("audio", "own"): 3},
+    }
+    assert outputs == expected[method]  # each head has the k of the view it learns
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ks = {(r["view"], r["k"], len(r["sizes"])) for r in records if r["event"] == "cluster"}
+    assert ks == ({("cdc", 3, 3)} if method == "cdc" else {("video", 3, 3), ("audio", 2, 2)})
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert ("k 3," if method == "cdc" else "k video 3, audio 2,") in report
     assert recipe.clustering.uniform_sampling == (method == "sdc")  # DeepCluster's safeguard for SDC
 
 
@@ -354,3 +369,17 @@ def test_bad_recipes_fail_naming_the_field(shards: Path, tmp_path: Path) -> None
         train, [str(write_recipe(tmp_path / "ok.yaml", good)), "--set", "optim.lr=-1"]
     )
     assert result.exit_code == 4 and "optim.lr" in result.output
+    # one k per view: not for the joint features; never more clusters than videos (checked before extraction)
+    cdc = tiny_recipe(shards, tmp_path / "run", method="cdc", clustering={"k": {"video": 3, "audio": 2}})
+    result = CliRunner().invoke(train, [str(write_recipe(tmp_path / "cdc.yaml", cdc)), "--quiet"])
+    assert (
+        result.exit_code == 4 and "clustering.k: cdc clusters the joint features with one k" in result.output
+    )
+    big = tiny_recipe(shards, tmp_path / "big-k", clustering={"k": {"video": 3, "audio": 10}})
+    result = CliRunner().invoke(train, [str(write_recipe(tmp_path / "bigk.yaml", big)), "--quiet"])
+    assert result.exit_code == 4
+    assert (
+        f"clustering.k: 10 audio clusters need at least 10 videos; set 'train' of {shards} has 9"
+        in result.output
+    )
+    assert not (tmp_path / "big-k" / "features").exists()

@@ -14,6 +14,7 @@ from trainer.optim import (
     LrSchedule,
     LrScheduler,
     build_optimizer,
+    effective_schedule,
     steps_per_epoch,
 )
 from xdctools.errors import ConfigError, DataError
@@ -26,27 +27,56 @@ def optim_cfg(**changes) -> Optim:
     return Optim.model_validate({**base, **changes})
 
 
-def kinetics() -> LrSchedule:
-    return LrSchedule.from_config(optim_cfg())  # Table 10: 0.01, 10/10/30, gamma 0.01
+def kinetics(world_size: int = 8) -> LrSchedule:
+    return LrSchedule.from_config(optim_cfg(), world_size)  # Table 10: 0.01, 10/10/30, gamma 0.01
 
 
 @pytest.mark.parametrize(
     ("epoch", "lr"),
     [
-        (0.0, 0.01 * WARMUP_START),  # warmup starts just above zero
-        (2.5, 0.01 * (WARMUP_START + (1 - WARMUP_START) * 0.25)),
-        (5.0, 0.01 * (WARMUP_START + (1 - WARMUP_START) * 0.5)),
-        (9.9, 0.01 * (WARMUP_START + (1 - WARMUP_START) * 0.99)),
-        (10.0, 0.01),  # warmup done: the base lr
-        (15.0, 0.01),
-        (19.999, 0.01),
-        (20.0, 1e-4),  # one step of se=10 epochs after warmup ends: x gamma
-        (29.999, 1e-4),
-        (30.0, 1e-6),  # past the last epoch (never trained) the rule still holds
+        (0.0, 0.01),  # Goyal et al.'s warmup starts at the one-GPU rate ...
+        (2.5, 0.01 + 0.07 * 0.25),
+        (5.0, 0.01 + 0.07 * 0.5),
+        (9.9, 0.01 + 0.07 * 0.99),
+        (10.0, 0.08),  # ... and ends at 8 x 0.01 on 8 GPUs
+        (15.0, 0.08),
+        (19.999, 0.08),
+        (20.0, 8e-4),  # one step of se=10 epochs after warmup ends: x gamma
+        (29.999, 8e-4),
+        (30.0, 8e-6),  # past the last epoch (never trained) the rule still holds
     ],
 )
-def test_kinetics_schedule_by_hand(epoch: float, lr: float) -> None:
+def test_kinetics_schedule_on_8_gpus_by_hand(epoch: float, lr: float) -> None:
     assert kinetics()(epoch) == pytest.approx(lr, rel=1e-12)
+
+
+def test_one_gpu_has_no_ramp_unless_warmup_start_is_given() -> None:
+    assert [kinetics(1)(e) for e in (0.0, 5.0, 10.0, 20.0)] == pytest.approx([0.01, 0.01, 0.01, 1e-4])
+    near_zero = LrSchedule.from_config(optim_cfg(warmup_start=WARMUP_START), 1)
+    assert [near_zero(e) for e in (0.0, 5.0, 10.0)] == pytest.approx(
+        [0.01 * WARMUP_START, 0.01 * (WARMUP_START + (1 - WARMUP_START) * 0.5), 0.01], rel=1e-12
+    )
+    on_4 = LrSchedule.from_config(optim_cfg(warmup_start=0.5), 4)  # a fraction of the effective lr
+    assert [on_4(0.0), on_4(10.0)] == pytest.approx([0.02, 0.04], rel=1e-12)
+    unscaled = LrSchedule.from_config(optim_cfg(lr_scaling="none"), 8)
+    assert [unscaled(0.0), unscaled(10.0), unscaled(20.0)] == pytest.approx([0.01, 0.01, 1e-4], rel=1e-12)
+
+
+def test_effective_schedule_of_the_kinetics_recipe_on_8_gpus() -> None:
+    """The paper's toolchain: per-GPU batch 32, lr 0.01 x 8, steps of step_epoch x es / (bs x gpus)."""
+    cfg = optim_cfg(epoch_size=1_000_000, batch_size=32)
+    e = effective_schedule(cfg, 8)
+    assert (e.world_size, e.global_batch, e.lr, e.warmup_start_lr) == (8, 256, 0.08, 0.01)
+    assert (e.steps_per_epoch, e.warmup_steps, e.total_steps) == (3906, 39060, 117180)
+    assert e.decay_steps == [78120]  # epoch 20: the end of warmup + one step of 10 epochs; 30 is the end
+    one = effective_schedule(cfg, 1)
+    assert (one.global_batch, one.lr, one.warmup_start_lr, one.steps_per_epoch) == (32, 0.01, 0.01, 31250)
+    audioset = effective_schedule(optim_cfg(epoch_size=2_000_000, batch_size=32, total_epochs=45), 16)
+    assert audioset.decay_steps == [e * 3906 for e in (20, 30, 40)] and audioset.lr == pytest.approx(0.16)
+    no_warmup = effective_schedule(optim_cfg(warmup_epochs=0, step_epochs=9, total_epochs=30), 2)
+    assert no_warmup.warmup_start_lr == no_warmup.lr == 0.02 and no_warmup.decay_steps == [36, 72, 108]
+    with pytest.raises(ConfigError, match="world size must be at least 1"):
+        effective_schedule(cfg, 0)
 
 
 def test_other_rows_of_table_10_by_hand() -> None:
@@ -72,7 +102,7 @@ def test_steps_per_epoch_counts_clips() -> None:
 
 def test_scheduler_sets_each_steps_lr_on_every_group() -> None:
     model = nn.Linear(3, 2)
-    cfg = optim_cfg(warmup_epochs=1, step_epochs=1, total_epochs=3)
+    cfg = optim_cfg(warmup_epochs=1, step_epochs=1, total_epochs=3, warmup_start=WARMUP_START)
     groups = [{"params": [model.weight]}, {"params": [model.bias], "lr_scale": 0.5}]
     opt = build_optimizer(groups, cfg)
     sched = LrScheduler(opt, LrSchedule.from_config(cfg), steps_per_epoch=4)

@@ -52,6 +52,7 @@ def test_recipes_exist() -> None:
         "pretrain/audioset240k-xdc.yaml",
         "pretrain/ig65m-xdc.yaml",
         "pretrain/kinetics-xdc-32f.yaml",
+        "pretrain/kinetics-xdc-tables13-14.yaml",
         "pretrain/kinetics-superv.yaml",
         "pretrain/audioset-superv.yaml",
         "quickstart.yaml",
@@ -75,6 +76,18 @@ TABLE_10 = [
     ("pretrain/kinetics-mdc.yaml", 1_000_000, 32, 0.01, 10, 10, 30, 1e-4, True, 256),
     ("pretrain/kinetics-cdc.yaml", 1_000_000, 32, 0.01, 10, 10, 30, 1e-4, True, 256),
     ("pretrain/kinetics-xdc.yaml", 1_000_000, 32, 0.01, 10, 10, 30, 1e-4, True, 256),
+    (
+        "pretrain/kinetics-xdc-tables13-14.yaml",
+        1_000_000,
+        32,
+        0.01,
+        10,
+        10,
+        30,
+        1e-4,
+        True,
+        {"video": 64, "audio": 128},
+    ),
     ("pretrain/kinetics-xdc-32f.yaml", 1_000_000, 8, 0.0025, 10, 10, 30, 1e-4, True, 256),
     ("pretrain/audioset-xdc.yaml", 2_000_000, 32, 0.01, 10, 10, 45, 1e-4, True, 256),
     ("pretrain/audioset240k-xdc.yaml", 2_000_000, 32, 0.01, 10, 10, 45, 1e-4, True, 64),
@@ -97,7 +110,8 @@ def test_pretrain_recipes_match_table_10(name, es, bs, lr, we, se, te, wd, stop,
         te,
     )
     assert (o.weight_decay, o.early_stop, o.gamma, o.momentum) == (wd, stop, 0.01, 0.9)
-    assert (recipe.clustering.k if recipe.clustering else None) == k
+    got = recipe.clustering.k if recipe.clustering else None
+    assert (got if got is None or isinstance(got, int) else got.model_dump()) == k
     assert (recipe.data.clip_frames, recipe.data.crop, recipe.data.short_side) == (
         32 if "32f" in name else 8,
         224,
@@ -118,6 +132,9 @@ def test_ig65m_last_iteration_is_the_star_row() -> None:
 def test_sdc_gets_deepcluster_safeguards_and_methods_route_labels() -> None:
     sdc = load_recipe(RECIPES / "pretrain/kinetics-sdc.yaml")
     assert sdc.clustering.uniform_sampling and sdc.clustering.reseed_empty
+    assert (
+        sdc.clustering.pca == 256 and not sdc.clustering.spherical
+    )  # PCA-whitening to 256 + l2 (DeepCluster)
     xdc = load_recipe(RECIPES / "pretrain/kinetics-xdc.yaml")
     assert not xdc.clustering.uniform_sampling
     assert xdc.heads == {"video": {"other": "audio"}, "audio": {"other": "video"}}
@@ -217,6 +234,8 @@ def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path) -> None:
         ("data", "val_fraction", 0.5, "data.val_fraction: must be < 0.5 (got 0.5)"),
         ("model", "precision", "fp8", "model.precision: must be one of 'fp32', 'bf16' or 'fp16' (got 'fp8')"),
         ("model", "width", True, "model.width: must be a number (got true)"),
+        ("optim", "lr_scaling", "sqrt", "optim.lr_scaling: must be one of 'linear' or 'none' (got 'sqrt')"),
+        ("optim", "warmup_start", 0, "optim.warmup_start: must be > 0 (got 0)"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, section: str, key: str, value, expected: str) -> None:
@@ -314,3 +333,112 @@ def test_overrides_set_fields_and_revalidate(tmp_path: Path) -> None:
 )
 def test_bad_overrides_fail_naming_them(tmp_path: Path, override: str, expected: str) -> None:
     assert error_of(tmp_path, BASE, (override,)).startswith(expected)
+
+
+# --- the resolved config: `xdctools train --print-config` -------------------------------------
+
+
+def print_config(*args: str) -> dict:
+    from click.testing import CliRunner
+
+    from xdctools.commands.train import train
+
+    result = CliRunner().invoke(train, [*args, "--print-config"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(result.output)
+
+
+def test_print_config_resolves_the_kinetics_recipe_on_8_gpus(tmp_path: Path) -> None:
+    """The paper's toolchain on 8 GPUs: global batch 8 x 32, lr 8 x 0.01, steps of the global batch."""
+    doc = print_config(str(RECIPES / "pretrain/kinetics-xdc.yaml"), "--world-size", "8")
+    assert doc["effective"] == {
+        "world_size": 8,
+        "global_batch": 256,
+        "lr": 0.08,
+        "warmup_start_lr": 0.01,
+        "steps_per_epoch": 3906,
+        "warmup_steps": 39060,
+        "decay_steps": [78120],
+        "total_steps": 117180,
+    }
+    resolved = {k: v for k, v in doc.items() if k != "effective"}
+    assert parse_recipe(yaml.safe_dump(resolved)) == load_recipe(RECIPES / "pretrain/kinetics-xdc.yaml")
+    assert not (tmp_path / "runs").exists() and not Path("runs/kinetics-xdc").exists()  # touched no data
+
+
+def test_print_config_takes_overrides_and_the_last_iteration() -> None:
+    doc = print_config(
+        str(RECIPES / "pretrain/ig65m-xdc.yaml"), "--world-size", "64", "--set", "optim.lr=0.02"
+    )
+    assert doc["optim"]["lr"] == 0.02 and doc["effective"]["lr"] == pytest.approx(1.28)
+    last = doc["effective"]["last_iteration"]  # IG65M*: 0/9/30 epochs
+    assert last["warmup_steps"] == 0 and last["total_steps"] == 30 * last["steps_per_epoch"]
+    assert last["decay_steps"] == [
+        9 * last["steps_per_epoch"],
+        18 * last["steps_per_epoch"],
+        27 * last["steps_per_epoch"],
+    ]
+    one = print_config(str(RECIPES / "pretrain/kinetics-xdc.yaml"), "--set", "optim.lr_scaling=none")
+    assert one["effective"]["world_size"] == 1 and one["effective"]["lr"] == 0.01
+
+
+def test_print_config_errors_are_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from xdctools.commands.train import train
+
+    kinetics = str(RECIPES / "pretrain/kinetics-xdc.yaml")
+    result = CliRunner().invoke(train, [kinetics, "--world-size", "8"])
+    assert result.exit_code == 2 and "--world-size only applies to --print-config" in result.output
+    result = CliRunner().invoke(train, [kinetics, "--print-config", "--set", "optim.lr_scaling=sqrt"])
+    assert result.exit_code == 4
+    assert "optim.lr_scaling: must be one of 'linear' or 'none' (got 'sqrt')" in result.output
+    result = CliRunner().invoke(train, [kinetics, "--print-config", "--world-size", "100000"])
+    assert result.exit_code == 4 and "one global batch" in result.output
+
+
+# --- one k per view -------------------------------------------------------------------------------
+
+
+def test_k_per_view_sizes_each_head_by_the_view_it_learns(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["clustering"]["k"] = {"video": 64, "audio": 128}  # the paper's Tables 13/14
+    recipe = load_recipe(write(tmp_path, doc))
+    c = recipe.clustering
+    assert (c.k_for("video"), c.k_for("audio"), c.k_text) == (64, 128, "video 64, audio 128")
+    assert recipe.head_classes("video", "other") == 128  # XDC's video encoder learns the audio clusters
+    assert recipe.head_classes("audio", "other") == 64
+    assert parse_recipe(dump_recipe(recipe)) == recipe
+    one = load_recipe(write(tmp_path, BASE))
+    assert one.clustering.k_for("audio") == one.clustering.k_for("cdc") == 6 and one.clustering.k_text == "6"
+    assert recipe_digest(one) == recipe_digest(load_recipe(write(tmp_path, BASE), ["clustering.k=6"]))
+    per_view = load_recipe(write(tmp_path, BASE), ["clustering.k={video: 8, audio: 16}"])
+    assert per_view.clustering.k.audio == 16
+
+
+@pytest.mark.parametrize(
+    ("k", "expected"),
+    [
+        ({"video": 1, "audio": 4}, "clustering.k.video: must be >= 2 (got 1)"),
+        ({"video": 64}, "clustering.k.audio: required"),
+        (
+            {"video": 64, "audio": 8, "cdc": 4},
+            "clustering.k.cdc: unknown key (expected one of: video, audio)",
+        ),
+        ("many", "clustering.k: must be an integer (got 'many')"),
+        (1, "clustering.k: must be >= 2 (got 1)"),
+    ],
+)
+def test_bad_k_names_the_field(tmp_path: Path, k, expected: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["clustering"]["k"] = k
+    assert error_of(tmp_path, doc) == expected
+
+
+def test_cdc_keeps_one_k(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE)
+    doc.update(method="cdc")
+    doc["clustering"]["k"] = {"video": 64, "audio": 128}
+    assert error_of(tmp_path, doc) == (
+        "clustering.k: cdc clusters the joint features with one k; give a number, not one per view"
+    )

@@ -79,6 +79,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """Processes in the group; 1 without one."""
+    return dist.get_world_size() if active() else 1
+
+
 def is_main() -> bool:
     """True on rank 0, and in a single process."""
     return not active() or dist.get_rank() == 0
@@ -170,3 +175,23 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     tensor = torch.from_numpy(values.copy()).to(_comm_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.cpu().numpy()
+
+
+def global_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over ranks in place (no host round trip); the identity in one process."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes `src`'s buffers (BatchNorm running statistics), in place.
+
+    DDP sends rank 0's buffers before each forward, but after the last step of an epoch every rank
+    holds statistics updated by its own last batch; features extracted or tested after it would then
+    depend on which rank computed them.
+    """
+    if not active():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)

@@ -91,7 +91,7 @@ from trainer.models.weights import (
     read_payload,
     unwrap_state_dict,
 )
-from trainer.optim import LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
+from trainer.optim import LrScheduler, effective_schedule, sgd_with_schedule
 from xdctools import recipe as train_recipe
 from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import ConfigError, DataError
@@ -575,6 +575,9 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
         ctx.progress(f"{split.name} lr {lr:g}: resuming after epoch {start_epoch}")
     trained = _ddp(model, dist)
     logger = RunLogger(folder, enabled=dist.is_main, resume=logger_state, tensorboard=False)
+    if start_epoch == 0:  # a resumed pair keeps the record in the metrics lines it restores
+        schedule = effective_schedule(optim_config(recipe, lr), dist.world_size)
+        logger.log("schedule", 0, base_lr=float(lr), **schedule.to_dict())
     try:
         train_loss = None
         for epoch in range(start_epoch, o.total_epochs):
@@ -599,6 +602,7 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
                 step=trained,
             )
             del loader
+            distributed.broadcast_buffers_(model)  # rank 0's BatchNorm statistics: the test is sharded
             logger.log(
                 "epoch",
                 scheduler.steps,
@@ -738,17 +742,17 @@ def make_classifier(encoder: nn.Module, num_classes: int, mode: str, head_norm: 
     return model
 
 
-def make_optimizer(
-    model: nn.Module, recipe: EvalRecipe, lr: float, world_size: int = 1
-) -> tuple[torch.optim.SGD, LrScheduler]:
-    """SGD over the parameters that learn (the head only with mode fc) and Table 11's schedule at `lr`."""
+def optim_config(recipe: EvalRecipe, lr: float) -> train_recipe.Optim:
+    """Table 11's schedule at base lr `lr` in the pretraining terms (per-GPU batch, linear lr scaling)."""
     o = recipe.optim
     if o.epoch_size is None:
         raise ConfigError("optim.epoch_size: required to finetune")
-    cfg = train_recipe.Optim(
+    return train_recipe.Optim(
         epoch_size=o.epoch_size,
         batch_size=o.batch_size,
         lr=float(lr),
+        lr_scaling=o.lr_scaling,
+        warmup_start=o.warmup_start,
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         warmup_epochs=o.warmup_epochs,
@@ -756,9 +760,14 @@ def make_optimizer(
         total_epochs=o.total_epochs,
         gamma=o.gamma,
     )
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    steps = steps_per_epoch(o.epoch_size, o.batch_size, world_size)
-    return optimizer, LrScheduler(optimizer, LrSchedule.from_config(cfg), steps)
+
+
+def make_optimizer(
+    model: nn.Module, recipe: EvalRecipe, lr: float, world_size: int = 1
+) -> tuple[torch.optim.SGD, LrScheduler]:
+    """SGD over the parameters that learn (the head only with mode fc) and Table 11's schedule at `lr`."""
+    cfg = optim_config(recipe, lr)
+    return sgd_with_schedule([p for p in model.parameters() if p.requires_grad], cfg, world_size)
 
 
 def train_epoch(

@@ -331,7 +331,8 @@ def write_report(run_dir: str | os.PathLike, recipe: Recipe, summary: Mapping[st
 
     Per-iteration tables come from metrics.jsonl. `summary` (free-form, from the loop) may hold
     `status` (a line), `seconds`, `data` and `hardware` (mappings; hardware defaults to this
-    machine), and `final` (a mapping, or a mapping of mappings for a table); other keys are listed.
+    machine), `effective` (`trainer.optim.effective_block`), and `final` (a mapping, or a mapping of
+    mappings for a table); other keys are listed.
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -355,7 +356,7 @@ def write_report(run_dir: str | os.PathLike, recipe: Recipe, summary: Mapping[st
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name[:-4]}]({name})\n" for name in plots]
-    known = {"status", "seconds", "data", "hardware", "final"}
+    known = {"status", "seconds", "data", "hardware", "final", "effective"}
     extra = {k: v for k, v in summary.items() if k not in known}
     if extra:
         lines += ["", "## Other", "", *(f"- {k}: {_fmt(v)}" for k, v in extra.items())]
@@ -375,7 +376,7 @@ def _what_was_run(run_dir: Path, recipe: Recipe, digest: str, summary: Mapping[s
     if recipe.clustering is not None:
         c = recipe.clustering
         out.append(
-            f"- clustering: k={c.k}, {c.niter} k-means iterations, spherical {_fmt(c.spherical)}, pca "
+            f"- clustering: k {c.k_text}, {c.niter} k-means iterations, spherical {_fmt(c.spherical)}, pca "
             f"{_fmt(c.pca)}, uniform sampling {_fmt(c.uniform_sampling)}, reseed empty {_fmt(c.reseed_empty)}"
         )
     stop = f"yes (patience {o.patience})" if o.early_stop else "no"
@@ -388,6 +389,11 @@ def _what_was_run(run_dir: Path, recipe: Recipe, digest: str, summary: Mapping[s
         given = recipe.clustering.last_iteration.given()
         if given:
             out.append(f"- last iteration overrides: {', '.join(f'{k} {_fmt(v)}' for k, v in given.items())}")
+    effective = summary.get("effective")
+    if effective:
+        out.append(f"- effective schedule: {effective_line(effective)}")
+        if "last_iteration" in effective:
+            out.append(f"- effective schedule, last iteration: {effective_line(effective['last_iteration'])}")
     if summary.get("data"):
         out.append(f"- data found: {_fmt(summary['data'])}")
     hardware = summary.get("hardware") or hardware_info()
@@ -395,6 +401,15 @@ def _what_was_run(run_dir: Path, recipe: Recipe, digest: str, summary: Mapping[s
     if summary.get("seconds") is not None:
         out.append(f"- wall time: {_duration(float(summary['seconds']))}")
     return out
+
+
+def effective_line(e: Mapping[str, Any]) -> str:
+    """One line of an effective schedule (`trainer.optim.effective_block`), for the report and the console."""
+    return (
+        f"{e['world_size']} rank(s), global batch {e['global_batch']}, lr {e['lr']:g} (warmup from "
+        f"{e['warmup_start_lr']:g}), {e['steps_per_epoch']} steps/epoch, warmup {e['warmup_steps']} steps, "
+        f"decay at steps {e['decay_steps']}, {e['total_steps']} steps at most"
+    )
 
 
 def _training_table(records: list[dict[str, Any]]) -> list[str]:

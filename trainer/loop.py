@@ -46,7 +46,7 @@ from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, train_loader,
 from trainer.extract import Catalog, extract_features, read_catalog
 from trainer.log import RECIPE_FILE, RunLogger, hardware_info, read_metrics, write_report
 from trainer.models import MultiHead, prepare_for_speed, r2plus1d_18, resnet18_audio
-from trainer.optim import EarlyStopper, LrSchedule, LrScheduler, build_optimizer, steps_per_epoch
+from trainer.optim import EarlyStopper, LrScheduler, effective_block, effective_schedule, sgd_with_schedule
 from trainer.step import HeadKey, LabelTables, Learner, balanced_weights, make_scaler, summarise, train_step
 from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import ConfigError, DataError
@@ -170,6 +170,7 @@ def open_session(recipe: Recipe, *, resume: bool, progress: Progress | None) -> 
             f"{recipe.data.shards}: set {recipe.data.train_set!r} carries no class labels; method superv "
             "trains on them (shard a labelled layout, or use a clustering method)"
         )
+    check_k(recipe, catalog)
     held = held_out_videos(catalog.num_videos, recipe.data.val_fraction, recipe.seed)
     learner = build_learner(recipe, catalog, shards)
     learner.to(dist.device)
@@ -219,6 +220,17 @@ def check_clip(recipe: Recipe, shards: ShardSet) -> None:
         )
 
 
+def check_k(recipe: Recipe, catalog: Catalog) -> None:
+    """Fail before extraction when a view's k exceeds the videos its k-means would cluster."""
+    for view in recipe.views:
+        k = recipe.clustering.k_for(view)
+        if k > catalog.num_videos:
+            raise ConfigError(
+                f"clustering.k: {k} {view} clusters need at least {k} videos; set {recipe.data.train_set!r} "
+                f"of {recipe.data.shards} has {catalog.num_videos}"
+            )
+
+
 def held_out_videos(n: int, fraction: float, seed: int) -> np.ndarray:
     """(n,) bool: a seeded `fraction` of the videos (at least one when > 0, never all) held out."""
     mask = np.zeros(n, dtype=bool)
@@ -230,9 +242,9 @@ def held_out_videos(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def num_classes(recipe: Recipe, catalog: Catalog, shards: ShardSet) -> int:
-    """k of the heads: clustering.k; for superv the classes in dataset.json (else the largest label + 1)."""
+    """Superv's heads: the classes in dataset.json (else the largest label + 1); 0 for clustering methods."""
     if recipe.clustering is not None:
-        return recipe.clustering.k
+        return 0
     meta = Path(recipe.data.shards) / "dataset.json"
     try:
         classes = json.loads(meta.read_text()).get("classes")
@@ -250,10 +262,11 @@ def build_learner(recipe: Recipe, catalog: Catalog, shards: ShardSet) -> Learner
         "video": r2plus1d_18(width=m.width, layout=m.video_layout),
         "audio": resnet18_audio(width=m.width),
     }
-    k = num_classes(recipe, catalog, shards)
-    heads = {
-        enc: MultiHead(encoders[enc].feature_dim, {head: k for head in recipe.heads[enc]}) for enc in encoders
+    true = num_classes(recipe, catalog, shards)
+    sizes = {
+        enc: {head: recipe.head_classes(enc, head, true) for head in recipe.heads[enc]} for enc in encoders
     }
+    heads = {enc: MultiHead(encoders[enc].feature_dim, sizes[enc]) for enc in encoders}
     return Learner(encoders, heads)
 
 
@@ -332,7 +345,7 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
         if s.dist.is_main:
             result = cluster_store(
                 store.path,
-                k=c.k,
+                k=c.k_for(view),
                 view=view,
                 niter=c.niter,
                 seed=recipe.seed + iteration,
@@ -340,6 +353,7 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
                 refine=c.refine,
                 spherical=c.spherical,
                 pca=c.pca,
+                reseed_empty=c.reseed_empty,
                 progress=lambda stage, done, total, v=view: s.tick(f"k-means {v} {stage}", done, total),
             )
             stats = result.stats
@@ -349,7 +363,7 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
                 s.state.step,
                 iteration=iteration,
                 view=view,
-                k=c.k,
+                k=c.k_for(view),
                 sizes=stats["sizes"],
                 empty=len(stats["empty_clusters"]),
                 splits=stats["splits"],
@@ -458,13 +472,13 @@ def start_iteration(s: Session, state: State, iteration: int) -> None:
         s.learner.heads[name].reset_(generator=generator)
     state.iteration, state.epoch, state.finished, state.seconds = iteration, 0, False, 0.0
     new_optimizer(s, state)
+    schedule = effective_schedule(s.recipe.optim_for(iteration), s.dist.world_size)
+    s.logger.log("schedule", state.step, iteration=iteration, **schedule.to_dict())
 
 
 def new_optimizer(s: Session, state: State) -> None:
     optim = s.recipe.optim_for(state.iteration)
-    state.optimizer = build_optimizer(s.learner.parameters(), optim)
-    steps = steps_per_epoch(optim.epoch_size, optim.batch_size, s.dist.world_size)
-    state.scheduler = LrScheduler(state.optimizer, LrSchedule.from_config(optim), steps)
+    state.optimizer, state.scheduler = sgd_with_schedule(s.learner.parameters(), optim, s.dist.world_size)
     state.stopper = EarlyStopper(optim.patience)
     state.scaler = make_scaler(s.device, s.recipe.model.precision)
 
@@ -531,6 +545,7 @@ def train_epoch(s: Session, state: State, tables: LabelTables) -> None:
         else:
             s.tick(stage, (i + 1) * clips, total)
     sums += window
+    distributed.broadcast_buffers_(s.learner)  # one set of BatchNorm statistics for extraction, checkpoints
     summary = summarise(distributed.all_reduce_sum(sums.cpu().numpy()), keys)
     seconds = time.perf_counter() - t0
     state.epoch += 1
@@ -674,6 +689,7 @@ def finish(s: Session, state: State) -> RunResult:
                     "held out": int(s.held_out.sum()),
                 },
                 "hardware": hardware_info(s.dist.world_size),
+                "effective": effective_block(s.recipe, s.dist.world_size),
                 "final": final,
             },
         )

@@ -1,11 +1,19 @@
 """SGD, the paper's learning-rate schedule (linear warmup, step decay by gamma) and early stopping.
 
+Scaling with the number of GPUs (the paper's toolchain, Goyal et al.'s linear rule): `batch_size` is
+per rank and the recipe's `lr` is the base rate of one GPU; on W ranks the run takes global batches of
+batch_size x W at the effective rate peak = lr x W (`lr_scaling: linear`; `none` keeps lr), and an
+epoch of `epoch_size` clips is epoch_size // (batch_size x W) steps. `effective_schedule` resolves it.
+
 Schedule convention (the paper's Table 9: "every se epochs, the lr is decayed by multiplying with
 γ"; warmup as Goyal et al.), as a function of the epoch position e (a float: steps done / steps per
 epoch) at the start of a step:
 
-    e <  we:  lr = base * (s + (1 - s) * e / we)          linear warmup from s*base (s = 1e-3, "~0")
-    e >= we:  lr = base * gamma ** floor((e - we) / se)    step decay, counted from the END of warmup
+    e <  we:  lr = peak * (s + (1 - s) * e / we)          linear warmup from s*peak
+    e >= we:  lr = peak * gamma ** floor((e - we) / se)    step decay, counted from the END of warmup
+
+with s = lr / peak = 1 / W by default (Goyal et al.: the ramp starts at the one-GPU rate, so one rank
+has no ramp), or the recipe's `warmup_start` (0.001 starts "~0", as the small CPU recipes do).
 
 Counting decay steps from the end of warmup is a choice: counted from epoch 0, the paper's Kinetics
 row (10/10/30) would decay at epoch 10, the very moment warmup reaches the base lr, so the base lr
@@ -18,24 +26,101 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from trainer import sampling
-from xdctools.errors import DataError
-from xdctools.recipe import Optim
+from xdctools.errors import ConfigError, DataError
+from xdctools.recipe import Optim, Recipe
 
 WARMUP_START = 1e-3  # first warmup lr, as a fraction of the base lr
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: Optim) -> torch.optim.SGD:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: Optim, world_size: int = 1
+) -> torch.optim.SGD:
     """SGD with momentum and plain weight decay on every parameter (the paper; no BN/bias exemption).
 
     The lr it starts with is the schedule's at epoch 0; `LrScheduler` sets it before every step.
     """
-    schedule = LrSchedule.from_config(cfg)
+    schedule = LrSchedule.from_config(cfg, world_size)
     return torch.optim.SGD(params, lr=schedule(0.0), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass(frozen=True)
+class EffectiveSchedule:
+    """What a recipe's optim section means on `world_size` ranks, in optimizer steps.
+
+    decay_steps: the steps at which the lr is multiplied by gamma (within total_steps); total_steps
+    is the budget when early stopping does not end the iteration first.
+    """
+
+    world_size: int
+    global_batch: int
+    lr: float  # the effective (peak) lr
+    warmup_start_lr: float
+    steps_per_epoch: int
+    warmup_steps: int
+    decay_steps: list[int]
+    total_steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def effective_lr(cfg: Optim, world_size: int) -> float:
+    """The peak lr on `world_size` ranks: lr x world_size under linear scaling, else lr."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be at least 1, got {world_size}")
+    return cfg.lr * world_size if cfg.lr_scaling == "linear" else cfg.lr
+
+
+def warmup_fraction(cfg: Optim, world_size: int) -> float:
+    """First warmup lr / peak lr: the recipe's warmup_start, else the base rate (Goyal et al.)."""
+    if cfg.warmup_start is not None:
+        return cfg.warmup_start
+    return cfg.lr / effective_lr(cfg, world_size)
+
+
+def effective_schedule(cfg: Optim, world_size: int = 1) -> EffectiveSchedule:
+    """The recipe's schedule on `world_size` ranks (pure); ConfigError if a global batch exceeds an epoch."""
+    peak = effective_lr(cfg, world_size)
+    spe = steps_per_epoch(cfg.epoch_size, cfg.batch_size, world_size)
+    decays = range(cfg.warmup_epochs + cfg.step_epochs, cfg.total_epochs, cfg.step_epochs)
+    return EffectiveSchedule(
+        world_size=world_size,
+        global_batch=cfg.batch_size * world_size,
+        lr=peak,
+        warmup_start_lr=peak * warmup_fraction(cfg, world_size) if cfg.warmup_epochs else peak,
+        steps_per_epoch=spe,
+        warmup_steps=cfg.warmup_epochs * spe,
+        decay_steps=[epoch * spe for epoch in decays],
+        total_steps=cfg.total_epochs * spe,
+    )
+
+
+def effective_block(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
+    """The `effective:` block of `xdctools train --print-config`, the run log and report.md.
+
+    The base optim section's schedule on `world_size` ranks, plus `last_iteration` (the same keys)
+    when `clustering.last_iteration` changes the last iteration's optim fields.
+    """
+    block = effective_schedule(recipe.optim, world_size).to_dict()
+    last = recipe.optim_for(recipe.iterations - 1)
+    if last is not recipe.optim:
+        block["last_iteration"] = effective_schedule(last, world_size).to_dict()
+    return block
+
+
+def sgd_with_schedule(
+    params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: Optim, world_size: int = 1
+) -> tuple[torch.optim.SGD, LrScheduler]:
+    """The optimizer and its per-step lr driver for `cfg` on `world_size` ranks (pretraining, finetuning)."""
+    optimizer = build_optimizer(params, cfg, world_size)
+    steps = steps_per_epoch(cfg.epoch_size, cfg.batch_size, world_size)
+    return optimizer, LrScheduler(optimizer, LrSchedule.from_config(cfg, world_size), steps)
 
 
 def steps_per_epoch(epoch_size: int, batch_size: int, world_size: int = 1) -> int:
@@ -70,8 +155,15 @@ class LrSchedule:
         self.warmup_start = warmup_start
 
     @classmethod
-    def from_config(cls, cfg: Optim) -> LrSchedule:
-        return cls(cfg.lr, warmup_epochs=cfg.warmup_epochs, step_epochs=cfg.step_epochs, gamma=cfg.gamma)
+    def from_config(cls, cfg: Optim, world_size: int = 1) -> LrSchedule:
+        """The schedule of `cfg` on `world_size` ranks: peak lr and warmup start as `effective_schedule`."""
+        return cls(
+            effective_lr(cfg, world_size),
+            warmup_epochs=cfg.warmup_epochs,
+            step_epochs=cfg.step_epochs,
+            gamma=cfg.gamma,
+            warmup_start=warmup_fraction(cfg, world_size),
+        )
 
     def __call__(self, epoch: float) -> float:
         if epoch < self.warmup_epochs:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import distributed
 from trainer.models import MultiHead, autocast
 from xdctools.errors import ConfigError, DataError
 
@@ -107,15 +108,17 @@ def balanced_weights(labels: np.ndarray, held_out: np.ndarray) -> np.ndarray:
 
 
 def head_losses(
-    logits: torch.Tensor, target: Mapping[str, torch.Tensor]
+    logits: torch.Tensor, target: Mapping[str, torch.Tensor], weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimise, stats (5,)): weighted mean CE over training rows; sums over held-out rows.
 
-    A batch without training rows gives a zero loss that still reaches every parameter (DDP needs it).
+    `weight` divides the weighted CE sum: by default this batch's training weight; `train_step` passes
+    the global one (see there). A batch without training rows gives a zero loss that still reaches
+    every parameter (DDP needs it).
     """
     ce = F.cross_entropy(logits.float(), target["labels"], reduction="none")
     train, val = target["train"], target["val"]
-    weight = train.sum()
+    weight = train.sum() if weight is None else weight
     loss = (ce * train).sum() / weight.clamp(min=1e-12)
     with torch.no_grad():
         seen = (train > 0).float()
@@ -153,15 +156,23 @@ def train_step(
 
     `model` is a Learner or its DDP wrapper; rows of the stats follow `targets`' order. fp16 goes
     through `scaler` (a disabled scaler for fp32/bf16 passes the loss through unchanged).
+
+    Each head's loss is its weighted CE sum over this rank's rows divided by the mean training weight
+    per rank (the global sum / world size, one small all-reduce), so that DDP's gradient average
+    equals the gradient of the weighted mean over the global batch, however the held-out rows and
+    SDC's balancing weights fall on the ranks: W ranks of b clips step as one process on W x b clips
+    (with BatchNorm statistics per rank, as the authors' per-GPU BatchNorm).
     """
     modalities = sorted({m for m, _ in targets})
     inputs = to_inputs(batch, modalities, device, channels_last)
     with autocast(device, precision):
         logits = model(inputs)
+    weights = torch.stack([targets[key]["train"].sum() for key in targets])
+    weights = distributed.global_sum_(weights) / distributed.world_size()
     total = torch.zeros((), device=device)
     rows = []
-    for m, h in targets:
-        loss, stats = head_losses(logits[m][h], targets[(m, h)])
+    for (m, h), weight in zip(targets, weights, strict=True):
+        loss, stats = head_losses(logits[m][h], targets[(m, h)], weight)
         total = total + loss
         rows.append(stats)
     optimizer.zero_grad(set_to_none=True)

@@ -48,8 +48,19 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "run": folder.name,
         "method": str(recipe["method"]),
         "seed": recipe.get("seed"),
+        "k": k_label(recipe.get("clustering")),
         "iterations": result["iterations"],
     }
+
+
+def k_label(clustering: Any) -> str | None:
+    """A run's k per view as its recipe states it: "256", "video 64, audio 128"; None without clustering."""
+    if not isinstance(clustering, Mapping) or "k" not in clustering:
+        return None
+    k = clustering["k"]
+    if isinstance(k, Mapping):
+        return ", ".join(f"{view} {k[view]}" for view in ("video", "audio") if view in k)
+    return str(k)
 
 
 def _finite(value: Any) -> float | None:
@@ -82,6 +93,7 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "label": METHOD_NAMES.get(r["method"], r["method"]),
             "run": r["run"],
             "iterations": _final_iteration(r),
+            "k": r.get("k"),
         }
         row.update({col: _finite(last.get(col)) for col in COLUMNS})
         rows.append(row)
@@ -109,9 +121,12 @@ def mean_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for method, group in methods.items():
         run = f"{_count(len(group), 'run')}: " + ", ".join(r["run"] for r in group)
         iterations = max(_final_iteration(r) for r in group)
-        rows.append(
-            _mean_row(METHOD_NAMES.get(method, method), run, iterations, [r["iterations"][-1] for r in group])
+        row = _mean_row(
+            METHOD_NAMES.get(method, method), run, iterations, [r["iterations"][-1] for r in group]
         )
+        ks = sorted({r["k"] for r in group if r.get("k") is not None})
+        row["k"] = "; ".join(ks) or None
+        rows.append(row)
     return rows
 
 
@@ -146,13 +161,18 @@ def _cell(value: float | None, sd: float | None = None) -> str:
 def render_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table; columns no row has a value for are left out."""
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    with_k = any(r.get("k") is not None for r in rows)
     lines = [
-        "| method | run | iterations | " + " | ".join(HEADERS[c] for c in cols) + " |",
-        "|---|---|---:|" + "---:|" * len(cols),
+        "| method | run | iterations | "
+        + ("k | " if with_k else "")
+        + " | ".join(HEADERS[c] for c in cols)
+        + " |",
+        "|---|---|---:|" + ("---|" if with_k else "") + "---:|" * len(cols),
     ]
     for r in rows:
         cells = [_cell(r.get(c), r.get(f"{c}_sd")) for c in cols]
-        lines.append(f"| {r['label']} | {r['run']} | {r['iterations']} | " + " | ".join(cells) + " |")
+        k = f"{r.get('k') or '–'} | " if with_k else ""
+        lines.append(f"| {r['label']} | {r['run']} | {r['iterations']} | {k}" + " | ".join(cells) + " |")
     spread = {c: v for r in rows for c, v in r.get("spread", {}).items() if v > 0 and c in cols}
     if spread:
         parts = ", ".join(f"{HEADERS[c]} by up to {v:.3f}" for c, v in spread.items())

@@ -34,7 +34,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from xdctools.recipe import FieldProblem, Section, describe_first, drop_fields, load_model, parse_model
+from xdctools.recipe import (
+    FieldProblem,
+    LrScaling,
+    Section,
+    describe_first,
+    drop_fields,
+    load_model,
+    parse_model,
+)
 
 Mode = Literal["full", "fc", "svm"]
 Modality = Literal["video", "audio"]
@@ -155,8 +163,11 @@ class Optim(Section):
     """Table 11 (schedule) and Table 12 (learning rates); epochs count clips, not videos."""
 
     epoch_size: int | None = Field(default=None, ge=1)  # clips per epoch over all ranks
-    batch_size: int = Field(default=32, ge=1)  # clips per step per rank
+    batch_size: int = Field(default=32, ge=1)  # clips per step per GPU (rank)
     lr: float | None = Field(default=None, gt=0.0)  # the base lr of a single run (no sweep)
+    # As pretraining (xdctools.recipe.Optim): each base lr runs at lr x world size under `linear`.
+    lr_scaling: LrScaling = "linear"
+    warmup_start: float | None = Field(default=None, gt=0.0, le=1.0)  # null: from the base lr
     sweep: bool = False  # run every lr of `lrs` and report the best (Table 12's cross-validation)
     lrs: list[float] | None = Field(default=None, min_length=1)  # null: Table 12's list for the mode
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)

@@ -22,10 +22,10 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from xdctools.errors import ConfigError, InputError
 
@@ -132,12 +132,17 @@ class Model(Section):
     compile: bool = False
 
 
+LrScaling = Literal["linear", "none"]
+
+
 class OptimPatch(Section):
     """Optim fields that replace the base ones for one iteration (the paper's IG65M* row)."""
 
     epoch_size: int | None = Field(default=None, ge=1)
     batch_size: int | None = Field(default=None, ge=1)
     lr: float | None = Field(default=None, gt=0.0)
+    lr_scaling: LrScaling | None = None
+    warmup_start: float | None = Field(default=None, gt=0.0, le=1.0)
     momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
     weight_decay: float | None = Field(default=None, ge=0.0)
     warmup_epochs: int | None = Field(default=None, ge=0)
@@ -152,11 +157,22 @@ class OptimPatch(Section):
 
 
 class Optim(Section):
-    """SGD and its schedule, in the paper's terms (Table 9); epochs count clips, not videos."""
+    """SGD and its schedule, in the paper's terms (Table 9); epochs count clips, not videos.
+
+    As in the authors' Caffe2 toolchain (Goyal et al.'s linear scaling rule, the paper's [14]):
+    `batch_size` is per GPU (per rank), `lr` is the base rate of one GPU, and a run on W ranks trains
+    with a global batch of batch_size x W at lr x W (`lr_scaling: linear`), its warmup ramping from the
+    base rate to that effective rate. `trainer.optim.effective_schedule` resolves the numbers.
+    """
 
     epoch_size: int = Field(ge=1)  # clips per epoch over all ranks
-    batch_size: int = Field(ge=1)  # clips per step per rank
-    lr: float = Field(gt=0.0)  # base lr, reached at the end of warmup
+    batch_size: int = Field(ge=1)  # clips per step per GPU (rank); the global batch is this x world size
+    lr: float = Field(gt=0.0)  # base lr of one GPU; the effective lr is reached at the end of warmup
+    # linear: effective lr = lr x world size (the paper's toolchain); none: lr whatever the world size.
+    lr_scaling: LrScaling = "linear"
+    # First warmup lr as a fraction of the effective lr; null: the base lr (Goyal et al.: base -> base x
+    # world size, so no ramp at all on one rank). 0.001 starts near zero, as the small CPU recipes do.
+    warmup_start: float | None = Field(default=None, gt=0.0, le=1.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     warmup_epochs: int = Field(default=0, ge=0)
@@ -179,10 +195,21 @@ class Optim(Section):
         return self
 
 
+class KPerView(Section):
+    """One k per modality's clusters (the paper's Tables 13/14: 64 video and 128 audio clusters)."""
+
+    video: int = Field(ge=2)  # clusters of the video features (what XDC's audio encoder learns)
+    audio: int = Field(ge=2)  # clusters of the audio features (what XDC's video encoder learns)
+
+
 class Clustering(Section):
     """k-means on the extracted features, once per deep-clustering iteration (xdctools.cluster)."""
 
-    k: int = Field(ge=2)
+    # One k for every view, or {video: K, audio: K} (not for cdc); a mapping is read as the latter.
+    k: Annotated[
+        Annotated[Annotated[int, Field(ge=2)], Tag("one k")] | Annotated[KPerView, Tag("per view")],
+        Discriminator(lambda v: "per view" if isinstance(v, (dict, KPerView)) else "one k"),
+    ]
     iterations: int = Field(default=1, ge=1)  # deep-clustering iterations: cluster, relabel, train
     niter: int = Field(default=20, ge=1)  # Lloyd iterations of each k-means
     sample_per_centroid: int = Field(default=256, ge=1)
@@ -194,6 +221,19 @@ class Clustering(Section):
     uniform_sampling: bool
     reseed_empty: bool = True  # split a large cluster into each empty one (DeepCluster)
     last_iteration: OptimPatch | None = None  # replaces optim fields in the last iteration
+
+    @property
+    def k_text(self) -> str:
+        """k as reports show it: "256", or "video 64, audio 128"."""
+        return str(self.k) if isinstance(self.k, int) else f"video {self.k.video}, audio {self.k.audio}"
+
+    def k_for(self, view: str) -> int:
+        """k of one view's k-means: "video", "audio" or "cdc" (the joint features take the single k)."""
+        if isinstance(self.k, int):
+            return self.k
+        if view == "cdc":
+            raise FieldProblem("k", "the joint (cdc) features are clustered with one k; give one number")
+        return getattr(self.k, view)
 
 
 class Run(Section):
@@ -244,6 +284,10 @@ class Recipe(Section):
             raise FieldProblem("clustering", "method superv trains on the true labels; remove this section")
         if self.method != "superv" and self.clustering is None:
             raise FieldProblem("clustering", f"required for method {self.method}")
+        if self.method == "cdc" and isinstance(self.clustering.k, KPerView):
+            raise FieldProblem(
+                "clustering.k", "cdc clusters the joint features with one k; give a number, not one per view"
+            )
         last = self.optim_for(self.iterations - 1)  # raises FieldProblem for a bad last_iteration
         plans = [("optim", self.optim)] if self.iterations > 1 or last is self.optim else []
         if last is not self.optim:
@@ -288,6 +332,11 @@ class Recipe(Section):
             "xdc": {"video": {"other": "audio"}, "audio": {"other": "video"}},
             "superv": {"video": {"true": "true"}, "audio": {"true": "true"}},
         }[self.method]
+
+    def head_classes(self, encoder: str, head: str, true_classes: int = 0) -> int:
+        """Outputs of one head: the k of the view it learns, or `true_classes` for superv's true labels."""
+        view = self.heads[encoder][head]
+        return true_classes if view == "true" else self.clustering.k_for(view)
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -394,10 +443,13 @@ def apply_override(raw: dict[str, Any], item: str, source: str, model_cls: type[
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
-    """The Section class inside `X` or `X | None`, else None (a leaf field)."""
-    for candidate in (annotation, *get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
+    """The Section class inside `X`, `X | None` or a tagged union holding X, else None (a leaf field)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for candidate in get_args(annotation):
+        found = _section_type(candidate)
+        if found is not None:
+            return found
     return None
 
 
@@ -479,10 +531,13 @@ def describe_first(
     return text + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
 
 
+UNION_TAGS = frozenset({"one k", "per view"})  # tags of the `clustering.k` union: not part of a field's path
+
+
 def format_errors(error: ValidationError) -> str:
     """The first validation error of a training recipe as `dotted.path: reason`, plus "(and N more)"."""
     errors = error.errors()
-    loc = tuple(p for p in errors[0]["loc"] if isinstance(p, (str, int)))
+    loc = tuple(p for p in errors[0]["loc"] if isinstance(p, (str, int)) and p not in UNION_TAGS)
     return describe_first(errors, loc, Recipe)
 
 

@@ -78,6 +78,17 @@ def format_result(result: Any, iterations: int) -> str:
     return "\n".join(lines)
 
 
+def resolved_config(recipe: Any, world_size: int) -> str:
+    """The resolved recipe (every default filled in) and its top-level `effective:` block, as YAML."""
+    import yaml
+
+    from trainer.optim import effective_block
+    from xdctools.recipe import dump_recipe
+
+    effective = yaml.safe_dump({"effective": effective_block(recipe, world_size)}, sort_keys=False, width=110)
+    return dump_recipe(recipe) + effective
+
+
 @click.command("train")
 @recipe_arguments("--set clustering.k=512")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder (default: run.out).")
@@ -88,20 +99,53 @@ def format_result(result: Any, iterations: int) -> str:
     help="Continue from the run folder's last checkpoint, or start over (clears the folder's outputs).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(recipe_path: Path, overrides: tuple[str, ...], out: Path | None, resume: bool, quiet: bool) -> None:
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the resolved recipe and its effective schedule (batch, lr, steps) as YAML; run nothing.",
+)
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --print-config: the number of GPUs (ranks) to resolve for (default: torchrun's, else 1).",
+)
+def train(
+    recipe_path: Path,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    resume: bool,
+    quiet: bool,
+    print_config: bool,
+    world_size: int | None,
+) -> None:
     """Pretrain the video and audio encoders with the recipe's method; under torchrun, on every rank.
+
+    optim.batch_size is per GPU and optim.lr the base rate of one GPU: on N GPUs the run takes global
+    batches of N x batch_size at N x lr (optim.lr_scaling: linear). --print-config shows the numbers.
 
     \b
     xdctools train recipes/quickstart.yaml
+    xdctools train recipes/pretrain/kinetics-xdc.yaml --print-config --world-size 8
     torchrun --nproc_per_node=8 -m xdctools train recipes/pretrain/kinetics-xdc.yaml
     """
     from trainer import distributed
+    from trainer.log import effective_line
     from trainer.loop import run
+    from trainer.optim import effective_block
     from xdctools.recipe import load_recipe
 
     overrides = (*overrides, f"run.out={out}") if out is not None else overrides
     recipe = load_recipe(recipe_path, overrides)
+    if world_size is not None and not print_config:
+        raise click.UsageError("--world-size only applies to --print-config (a run takes torchrun's)")
+    if print_config:
+        click.echo(resolved_config(recipe, world_size or distributed.env_ranks()[1]), nl=False)
+        return
     main = distributed.env_ranks()[0] == 0
+    if main:
+        block = effective_block(recipe, distributed.env_ranks()[1])
+        click.echo(f"effective: {effective_line(block)}", err=True)
     bars = Bars() if main and not quiet else None
     try:
         result = run(recipe, resume=resume, progress=bars)
