@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from field_reads import all_fields, field_reads
 
 from trainer.checkpoint import list_checkpoints, save_checkpoint
 from trainer.data import ClipSpec, Runtime, eval_loader, train_loader
@@ -42,6 +43,7 @@ from trainer.models import MultiHead, r2plus1d_18, resnet18_audio
 from trainer.results import merge_entry, read_results
 from trainer.step import Learner
 from trainer.svm import ClipFeatures, fit_svm
+from xdctools import eval_recipe as er
 from xdctools.commands.finetune import finetune
 from xdctools.errors import ConfigError, DataError, InputError
 from xdctools.eval_recipe import TABLE_12_LRS, load_eval_recipe, parse_eval_recipe
@@ -422,9 +424,18 @@ test: {{num_clips: 10, batch_size: 4}}
 run: {{out: {out}, keep_checkpoints: 2}}
 """)
     runner = CliRunner()
-    result = runner.invoke(finetune, [str(path), "--lr-sweep", "--checkpoint", "none"])
+    with field_reads() as reads:  # no flag that nothing reads: every field but the SVM's is read
+        result = runner.invoke(finetune, [str(path), "--lr-sweep", "--checkpoint", "none"])
+        # an explicit split (the SplitSets form) is read when the splits are resolved
+        explicit = _recipe(
+            synth_shards, tmp_path, "data.splits=[{name: s1, train: [split1-train], test: split1-test}]"
+        )
+        resolve_splits(explicit, read_dataset(synth_shards))
     assert result.exit_code == 0, result.output
     assert "best lr" in result.output and "test accuracy" in result.output
+    sections = (er.EvalRecipe, er.SplitSets, er.Data, er.Model, er.Optim, er.Test, er.Run)
+    only_svm_or_audio = {("EvalRecipe", "svm"), ("Model", "audio_maxpool")}  # read by the SVM test below
+    assert all_fields(*sections) - reads == only_svm_or_audio
     entries = read_results(out)
     assert [(e["method"], e["dataset"], e["column"]) for e in entries] == [("Scratch", "tiny-video", "all")]
     entry = entries[0]
@@ -600,9 +611,12 @@ def test_svm_runs_on_audio_shards(esc_shards: Path, tmp_path: Path) -> None:
         f"name: esc\ndataset: esc50\nmode: full\ndata: {{shards: {esc_shards}, num_threads: 2}}\n"
         f"model: {{width: {WIDTH}}}\noptim: {{lr: 0.1}}\nsvm: {{cs: [0.1, 1.0]}}\nrun: {{out: {tmp_path}}}\n"
     )
-    result = CliRunner().invoke(finetune, [str(path), "--svm"])
+    with field_reads() as reads:
+        result = CliRunner().invoke(finetune, [str(path), "--svm"])
     assert result.exit_code == 0, result.output
     assert "fold5: features of 2 files x 60 clips" in result.output
+    svm_fields = all_fields(er.Svm) | {("EvalRecipe", "svm"), ("Model", "audio_maxpool")}
+    assert svm_fields - reads == set()  # every SVM field, and the audio encoder's, is read by the SVM run
     (entry,) = read_results(tmp_path)
     assert entry["column"] == "svm" and set(entry["splits"]) == {f"fold{k}" for k in range(1, 6)}
     assert all(s["files"] == 2 and s["c"] in (0.1, 1.0) for s in entry["svm"].values())

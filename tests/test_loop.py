@@ -329,6 +329,26 @@ def test_every_clustering_method_trains(shards: Path, tmp_path: Path, method: st
     assert recipe.clustering.uniform_sampling == (method == "sdc")  # DeepCluster's safeguard for SDC
 
 
+def test_every_recipe_field_is_read_by_the_run(shards: Path, tmp_path: Path) -> None:
+    """No flag that nothing reads: a run reads every field of the recipe (the report's reads do not count).
+
+    OptimPatch is left out: its fields are Optim's, applied through `Recipe.optim_for` (test_recipe)."""
+    from field_reads import all_fields, field_reads
+
+    from xdctools import recipe as r
+
+    changes = {
+        "clustering": {"k": {"video": 3, "audio": 2}, "iterations": 1, "niter": 5},
+        "optim": {"epoch_size": 4},
+        "run": {"probe": True},
+    }
+    recipe = parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "run", **changes)))
+    with field_reads() as reads:
+        loop.run(recipe)
+    sections = (r.Recipe, r.Data, r.Model, r.Clustering, r.KPerView, r.Optim, r.Run)
+    assert all_fields(*sections) - reads == set()
+
+
 def test_superv_trains_on_true_labels_and_refuses_unlabelled_shards(shards: Path, tmp_path: Path) -> None:
     doc = tiny_recipe(shards, tmp_path / "sup", method="superv")
     doc.pop("clustering")
