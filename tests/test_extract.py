@@ -62,6 +62,7 @@ def test_catalog_lists_every_sample_and_video_label(shards) -> None:
     assert catalog.rows_of(np.array([8, 0])).tolist() == [8, 0]
     with pytest.raises(DataError, match="not in the catalog"):
         catalog.rows_of(np.array([9]))
+    assert not catalog.multi_label and catalog.label_offsets is None  # single-label shards
 
 
 def test_catalog_refuses_interleaved_segments() -> None:
@@ -69,6 +70,55 @@ def test_catalog_refuses_interleaved_segments() -> None:
         catalog_from(np.array([0, 1, 0]), np.array([0, 0, 0]))
     with pytest.raises(DataError, match="different labels"):
         catalog_from(np.array([0, 0, 1]), np.array([0, 1, 1]))
+
+
+def label_lists(sample_video: list[int], lists: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample CSR of each sample's video's list, as read_catalog builds it."""
+    per_sample = [lists[v] for v in sample_video]
+    offsets = np.r_[0, np.cumsum([len(x) for x in per_sample])]
+    return offsets, np.array([c for x in per_sample for c in x], dtype=np.int64)
+
+
+def test_catalog_label_lists_follow_the_videos_not_the_sample_order() -> None:
+    sample_video = [3, 3, 0, 2, 2, 2, 1, 4]  # shuffled videos, 1 to 3 segments each
+    lists = {3: [5, 9], 0: [1], 2: [0, 2, 4], 1: [], 4: [9]}  # video 1: an empty list
+    catalog = catalog_from(
+        np.array(sample_video), np.full(8, -1), sample_label_lists=label_lists(sample_video, lists)
+    )
+    assert catalog.multi_label and not catalog.has_labels
+    assert catalog.videos.tolist() == [0, 1, 2, 3, 4] and catalog.label_offsets.tolist() == [0, 1, 1, 4, 6, 7]
+    assert [catalog.label_set(r).tolist() for r in range(5)] == [lists[v] for v in range(5)]
+    rows = np.array([3, 1, 2, 3, 0])
+    expected = np.zeros((5, 12), np.float32)
+    for i, row in enumerate(rows):
+        expected[i, lists[int(catalog.videos[row])]] = 1
+    hot = catalog.multi_hot(rows, 12)
+    assert hot.dtype == np.float32 and np.array_equal(hot, expected)
+    assert catalog.multi_hot(np.array([], dtype=np.int64), 12).shape == (0, 12)
+    with pytest.raises(DataError, match="class index 9 >= num_classes 9"):
+        catalog.multi_hot(rows, 9)
+    with pytest.raises(DataError, match=r"rows outside 0\.\.4"):
+        catalog.multi_hot(np.array([5]), 12)
+
+
+def test_catalog_refuses_segments_with_different_label_lists() -> None:
+    video = np.array([0, 0, 1, 1])
+    offsets, values = np.array([0, 2, 4, 5, 6]), np.array([1, 2, 1, 2, 3, 3])
+    catalog = catalog_from(video, np.full(4, -1), sample_label_lists=(offsets, values))
+    assert [catalog.label_set(r).tolist() for r in range(2)] == [[1, 2], [3]]
+    with pytest.raises(DataError, match="segments of video 0 carry different label lists"):
+        catalog_from(video, np.full(4, -1), sample_label_lists=(offsets, np.array([1, 2, 1, 4, 3, 3])))
+    with pytest.raises(DataError, match="segments of video 1 carry different label lists"):
+        catalog_from(video, np.full(4, -1), sample_label_lists=(np.array([0, 2, 4, 5, 5]), values[:5]))
+    with pytest.raises(DataError, match="do not fit 4 samples"):
+        catalog_from(video, np.full(4, -1), sample_label_lists=(offsets[:-1], values))
+
+
+def test_single_label_catalog_gives_one_hot_rows() -> None:
+    catalog = catalog_from(np.array([0, 0, 1, 2]), np.array([2, 2, -1, 0]))
+    assert not catalog.multi_label and catalog.has_labels
+    assert [catalog.label_set(r).tolist() for r in range(3)] == [[2], [], [0]]
+    assert catalog.multi_hot(np.array([0, 1, 2]), 3).tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])

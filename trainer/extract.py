@@ -22,13 +22,13 @@ of them are not run through the encoders).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
+from array import array
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -52,6 +52,10 @@ class Catalog:
     """Every sample's video index and label, in DALI's reading order, read from the `info.npy` members.
 
     videos: (N,) int64 ascending, the store's rows; labels: (N,) int64 class per video, -1 unknown.
+    A multi-label set (AudioSet: `labels.npy` members) has no single class (labels all -1) and carries
+    each row's class list instead, as CSR arrays aligned with `videos`: the classes of row r are
+    `label_values[label_offsets[r]:label_offsets[r + 1]]`, sorted. That is memory in the number of
+    labels (2M AudioSet videos x ~2.7 labels: ~60 MB), where an N x C table would be 4 GB of float32.
     """
 
     sample_video: np.ndarray  # (S,) int64
@@ -59,6 +63,8 @@ class Catalog:
     videos: np.ndarray  # (N,) int64
     labels: np.ndarray  # (N,) int64
     source: str = "shards"
+    label_offsets: np.ndarray | None = None  # (N + 1,) int64; None unless multi-label
+    label_values: np.ndarray | None = None  # (label_offsets[-1],) int64 class indices
 
     @property
     def num_videos(self) -> int:
@@ -66,7 +72,13 @@ class Catalog:
 
     @property
     def has_labels(self) -> bool:
+        """Some video has a single class (`labels`); false for a multi-label set, see `multi_label`."""
         return bool((self.labels >= 0).any())
+
+    @property
+    def multi_label(self) -> bool:
+        """The set carries class lists (`label_offsets`, `label_values`) rather than one class per video."""
+        return self.label_offsets is not None
 
     def rows_of(self, video: np.ndarray) -> np.ndarray:
         """Store rows of video indices; DataError for an index that is not in the set."""
@@ -78,32 +90,95 @@ class Catalog:
             raise DataError(f"{self.source}: video indices {bad} are not in the catalog of this shard set")
         return rows
 
+    def label_set(self, row: int) -> np.ndarray:
+        """Class indices of one store row: its list in a multi-label set, else [label], or [] if unknown."""
+        if self.label_offsets is not None and self.label_values is not None:
+            return self.label_values[self.label_offsets[row] : self.label_offsets[row + 1]]
+        label = self.labels[row]
+        return self.labels[row : row + 1] if label >= 0 else self.labels[:0]
+
+    def multi_hot(self, rows: np.ndarray, num_classes: int) -> np.ndarray:
+        """(len(rows), num_classes) float32 targets of store rows: 1 at each of a row's classes.
+
+        A single-label set gives one-hot rows (all zero where the label is unknown), so one training
+        path serves both. DataError for a row out of range or a class index >= num_classes.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_videos):
+            raise DataError(f"{self.source}: rows outside 0..{self.num_videos - 1}")
+        if self.label_offsets is not None and self.label_values is not None:
+            starts, stops = self.label_offsets[rows], self.label_offsets[rows + 1]
+            classes = self.label_values[concat_ranges(starts, stops - starts)]
+            hit_rows = np.repeat(np.arange(len(rows)), stops - starts)
+        else:
+            labels = self.labels[rows]
+            hit_rows = np.flatnonzero(labels >= 0)
+            classes = labels[hit_rows]
+        if classes.size and classes.max() >= num_classes:
+            raise DataError(f"{self.source}: class index {int(classes.max())} >= num_classes {num_classes}")
+        out = np.zeros((len(rows), num_classes), dtype=np.float32)
+        out[hit_rows, classes] = 1.0
+        return out
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated `arange(start, start + length)` for each pair, without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths) + np.arange(total)
+
 
 def read_catalog(shards: ShardSet) -> Catalog:
-    """Read the info member of every sample (one seek per sample through the .idx offsets).
+    """Read the info member of every sample (one seek per sample through the .idx offsets), and the
+    `labels.npy` member that follows it in a multi-label set.
 
     Checks the layout extraction relies on: the segments of a video are consecutive samples.
     """
     videos, labels = [], []
+    offsets, values = array("q", [0]), array("q")  # per-sample label lists, 8 bytes a label
+    multi = False
     for tar, idx in zip(shards.tars, shards.indexes, strict=True):
         try:
             entries = parse_index(idx.read_text())
             with open(tar, "rb") as f:
                 for _key, members in entries:
-                    offset, size = members[fmt.INFO_EXT]
-                    f.seek(offset)
-                    info = np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+                    info = fmt.decode_int64_vector(_member(f, members[fmt.INFO_EXT]))
                     videos.append(int(info[fmt.INFO["video"]]))
                     labels.append(int(info[fmt.INFO["label"]]))
+                    if fmt.LABELS_EXT in members:
+                        values.frombytes(fmt.decode_labels(_member(f, members[fmt.LABELS_EXT])).tobytes())
+                        multi = True
+                    offsets.append(len(values))
         except (OSError, ValueError, KeyError, IndexError) as e:
             raise DataError(f"{tar}: cannot read the info members ({type(e).__name__}: {e})") from None
+    lists = (np.frombuffer(offsets, dtype=np.int64), np.frombuffer(values, dtype=np.int64)) if multi else None
     return catalog_from(
-        np.array(videos, dtype=np.int64), np.array(labels, dtype=np.int64), str(shards.tars[0].parent)
+        np.array(videos, dtype=np.int64),
+        np.array(labels, dtype=np.int64),
+        str(shards.tars[0].parent),
+        sample_label_lists=lists,
     )
 
 
-def catalog_from(sample_video: np.ndarray, sample_label: np.ndarray, source: str = "shards") -> Catalog:
-    """Build and check a Catalog from per-sample video indices and labels (pure)."""
+def _member(f: BinaryIO, where: tuple[int, int]) -> bytes:
+    offset, size = where
+    f.seek(offset)
+    return f.read(size)
+
+
+def catalog_from(
+    sample_video: np.ndarray,
+    sample_label: np.ndarray,
+    source: str = "shards",
+    *,
+    sample_label_lists: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Catalog:
+    """Build and check a Catalog from per-sample video indices and labels (pure).
+
+    `sample_label_lists` is (offsets (S + 1,), values): the class list of every sample of a multi-label
+    set, CSR; every segment of a video must carry the same list.
+    """
     sample_video = np.asarray(sample_video, dtype=np.int64)
     sample_label = np.asarray(sample_label, dtype=np.int64)
     if sample_video.size == 0:
@@ -120,7 +195,39 @@ def catalog_from(sample_video: np.ndarray, sample_label: np.ndarray, source: str
     if mismatch.any():
         bad = int(sample_video[np.flatnonzero(mismatch)[0]])
         raise DataError(f"{source}: the segments of video {bad} carry different labels")
-    return Catalog(sample_video, sample_label, videos, labels, source)
+    if sample_label_lists is None:
+        return Catalog(sample_video, sample_label, videos, labels, source)
+    offsets, values = _video_label_lists(sample_video, first, order, sample_label_lists, source)
+    return Catalog(sample_video, sample_label, videos, labels, source, offsets, values)
+
+
+def _video_label_lists(
+    sample_video: np.ndarray,
+    first: np.ndarray,
+    order: np.ndarray,
+    lists: tuple[np.ndarray, np.ndarray],
+    source: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-video CSR class lists (in `videos` order) from per-sample ones, checked equal across segments."""
+    offsets, values = (np.asarray(a, dtype=np.int64) for a in lists)
+    samples = len(sample_video)
+    if offsets.shape != (samples + 1,) or offsets[0] != 0 or offsets[-1] != len(values):
+        raise DataError(f"{source}: label-list offsets {offsets.shape} do not fit {samples} samples")
+    lengths = np.diff(offsets)
+    if (lengths < 0).any() or (values < 0).any():
+        raise DataError(f"{source}: label lists hold negative lengths or class indices")
+    head = np.repeat(first, np.diff(np.r_[first, samples]))  # each sample's first segment
+    counterpart = np.repeat(offsets[head] - offsets[:-1], lengths)  # same position in the first segment
+    counterpart += np.arange(len(values))
+    differs = lengths != lengths[head]
+    unequal = np.flatnonzero(values != values[counterpart])
+    differs[np.searchsorted(offsets, unequal, side="right") - 1] = True
+    if differs.any():
+        bad = int(sample_video[np.flatnonzero(differs)[0]])
+        raise DataError(f"{source}: the segments of video {bad} carry different label lists")
+    chosen = first[order]
+    video_offsets = np.r_[0, np.cumsum(lengths[chosen])].astype(np.int64)
+    return video_offsets, values[concat_ranges(offsets[chosen], lengths[chosen])]
 
 
 # --- who writes which rows (pure) -----------------------------------------------------------------

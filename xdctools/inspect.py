@@ -210,6 +210,8 @@ def summarize(dataset: dict, shards_dir: str | os.PathLike | None = None) -> str
     )
     classes = dataset.get("classes") or []
     lines.append(f"classes: {len(classes)}" + (f" ({_fmt_names(classes)})" if classes else ""))
+    if dataset.get("multi_label"):
+        lines.append("labels: multi-label (each video has a list of classes, in its labels.npy member)")
 
     sets = dataset.get("sets") or {}
     header = (
@@ -313,13 +315,33 @@ def describe_sample(sample: Sample, classes: list[str] | None = None) -> str:
     info = sample.info
     if info:
         lines.append("info: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    labels = sample_labels(sample, classes)
+    if labels is not None:
+        lines.append(f"labels ({len(labels)}): " + ", ".join(labels))
+        return "\n".join(lines)
     label = sample_label(sample, classes)
     if label:
         lines.append(f"label: {label}")
     return "\n".join(lines)
 
 
+def sample_labels(sample: Sample, classes: list[str] | None = None) -> list[str] | None:
+    """`Name (index)` of each class of a multi-label sample (its labels.npy member); None otherwise."""
+    data = sample.members.get(fmt.LABELS_EXT)
+    if data is None:
+        return None
+    indices = fmt.decode_labels(data).tolist()
+    names = sample.meta.get("labels")
+    if not isinstance(names, list) or len(names) != len(indices):
+        names = [classes[i] if classes and 0 <= i < len(classes) else "?" for i in indices]
+    return [f"{name} ({index})" for name, index in zip(names, indices, strict=True)]
+
+
 def sample_label(sample: Sample, classes: list[str] | None = None) -> str | None:
+    """`Name (index)` of a single-label sample, or a multi-label sample's list on one line."""
+    labels = sample_labels(sample, classes)
+    if labels is not None:
+        return ", ".join(labels)
     meta = sample.meta
     index = meta.get("class_index")
     if index is None and fmt.CLS_EXT in sample.members:
@@ -387,7 +409,9 @@ def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *,
     fig.colorbar(im, ax=ax, label="dB", pad=0.01)
 
     meta = sample.meta
-    label = sample_label(sample, classes) or "no label"
+    labels = sample_labels(sample, classes)
+    single = sample_label(sample, classes) or "no label"
+    label = f"labels: {_fmt_names(labels, 6)}" if labels else f"label: {single}"
     video = meta.get("video") or {}
     where = f"set {meta['set']}" if "set" in meta else sample.shard.name
     if frames is not None:
@@ -400,7 +424,7 @@ def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *,
         )
     else:
         detail = f"audio only, {timing.end:.2f} s, {where}"
-    fig.suptitle(f"{sample.key}\nlabel: {label}\n{detail}", fontsize=9)
+    fig.suptitle(f"{sample.key}\n{label}\n{detail}", fontsize=9)
     return fig
 
 

@@ -82,7 +82,8 @@ def format_summary(summary: Summary, out_dir: Path) -> str:
     "--csv",
     "csv_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Kinetics csv (label,youtube_id,time_start,time_end,split).",
+    help="Kinetics csv (label,youtube_id,time_start,time_end,split) or AudioSet segments csv "
+    "(YTID, start_seconds, end_seconds, positive_labels), told apart by their first lines.",
 )
 @click.option(
     "--splits",
@@ -103,9 +104,15 @@ def format_summary(summary: Summary, out_dir: Path) -> str:
 @click.option(
     "--classes",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Class index file (e.g. UCF101 classInd.txt); default: sorted folder names.",
+    help="Class index file (e.g. UCF101 classInd.txt; AudioSet's class_labels_indices.csv, default: the one "
+    "beside the csv); default: sorted folder names.",
 )
-@click.option("--set-name", default="train", show_default=True, help="Set name when the input has no splits.")
+@click.option(
+    "--set-name",
+    default=None,
+    help="Set name when the input has no splits (default: train; for an AudioSet csv its name: "
+    "balanced_train, unbalanced_train, eval).",
+)
 @click.option(
     "--order",
     type=click.Choice(["shuffled", "name"]),
@@ -155,7 +162,7 @@ def shard(
     split: str | None,
     manifest: Path | None,
     classes: Path | None,
-    set_name: str,
+    set_name: str | None,
     order: str,
     seed: int,
     codec: str,

@@ -291,3 +291,164 @@ def parse_manifest_jsonl(text: str, source: str, default_set: str = "train") -> 
             raise InputError(f"{source}:{n}: expected a JSON object, got {type(fields).__name__}")
         records.append(_manifest_record(fields, source, n, default_set))
     return records
+
+
+# --- AudioSet ------------------------------------------------------------------------------------
+AUDIOSET_CLASS_HEADER = ("index", "mid", "display_name")
+_AUDIOSET_COLUMNS = ("ytid", "start_seconds", "end_seconds", "positive_labels")
+_AUDIOSET_ROW = "expected 'YTID, start_seconds, end_seconds, \"mid1,mid2,...\"'"
+
+
+@dataclass(frozen=True)
+class AudioSetClass:
+    """One line of AudioSet's `class_labels_indices.csv`."""
+
+    index: int
+    mid: str  # the ontology's class id, "/m/09x0r"
+    name: str  # its display name, "Speech"
+
+
+@dataclass(frozen=True)
+class AudioSetRow:
+    """One segment of an AudioSet csv: a span of a YouTube video and the class ids heard in it."""
+
+    youtube_id: str
+    start: float
+    end: float
+    mids: tuple[str, ...]  # as listed, at least one
+    line: int
+
+    @property
+    def clip_stems(self) -> tuple[str, ...]:
+        """File stems of an already-trimmed clip, in lookup order (see docs/shard.md).
+
+        `<id>_<start:06d>_<end:06d>` (seconds, Kinetics' convention; integer times only), then
+        `<id>_<start_ms>_<end_ms>` (milliseconds, audiosetdl; truncated and rounded, which differ
+        only when the float product falls just under an integer).
+        """
+        stems = []
+        if self.start.is_integer() and self.end.is_integer():
+            stems.append(f"{self.youtube_id}_{int(self.start):06d}_{int(self.end):06d}")
+        for to_int in (int, round):
+            stem = f"{self.youtube_id}_{to_int(self.start * 1000)}_{to_int(self.end * 1000)}"
+            if stem not in stems:
+                stems.append(stem)
+        return tuple(stems)
+
+
+def _audioset_header(raw: str) -> bool:
+    """True for the column line `# YTID, start_seconds, end_seconds, positive_labels` (the # optional)."""
+    cells = [c.strip().lower() for c in raw.lstrip("#").split(",")]
+    return tuple(cells) == _AUDIOSET_COLUMNS
+
+
+def is_audioset_csv(head: str) -> bool:
+    """True when the first lines of a csv are AudioSet's: `#` comment lines naming the columns
+    `YTID, start_seconds, end_seconds, positive_labels`, that line as a plain header, or no header
+    and a first row of four cells whose last is a class id list ("/m/09x0r,...")."""
+    for raw in head.splitlines():
+        if not raw.strip():
+            continue
+        if _audioset_header(raw):
+            return True
+        if not raw.lstrip().startswith("#"):
+            return _audioset_like_row(raw)
+    return False
+
+
+def _audioset_like_row(raw: str) -> bool:
+    try:
+        cells = next(csv.reader([raw], skipinitialspace=True), [])
+    except csv.Error:
+        return False
+    return len(cells) == 4 and cells[3].strip().startswith("/")
+
+
+def audioset_set_name(filename: str) -> str:
+    """The set a segments csv holds: `balanced_train_segments.csv` -> `balanced_train`, `eval_segments.csv`
+    -> `eval`, any other csv -> its stem."""
+    stem = filename.replace("\\", "/").rpartition("/")[2]
+    stem = stem[:-4] if stem.lower().endswith(".csv") else stem
+    return stem.removesuffix("_segments") or stem
+
+
+def parse_audioset_classes(text: str, source: str) -> list[AudioSetClass]:
+    """Classes of `class_labels_indices.csv` (`index,mid,display_name`), in index order.
+
+    Indices must be 0..n-1, each once (any line order); class ids must be unique.
+    """
+    reader = csv.reader(io.StringIO(text), skipinitialspace=True)
+    try:
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as e:
+        raise InputError(f"{source}:{reader.line_num}: malformed csv ({e})") from e
+    expected = ",".join(AUDIOSET_CLASS_HEADER)
+    header = tuple(cell.strip() for cell in rows[0][1]) if rows else ()
+    if header != AUDIOSET_CLASS_HEADER:
+        raise InputError(
+            f"{source}: not an AudioSet class index: header {','.join(header)!r}, expected {expected!r}"
+        )
+    classes: dict[int, AudioSetClass] = {}
+    lines: dict[str, int] = {}
+    for n, row in rows[1:]:
+        cells = [cell.strip() for cell in row]
+        if len(cells) != 3 or not cells[0].isdigit() or not cells[1] or not cells[2]:
+            raise InputError(
+                f"{source}:{n}: malformed row {','.join(row)!r}, expected '<index>,<mid>,<display name>'"
+            )
+        index, mid, name = int(cells[0]), cells[1], cells[2]
+        if index in classes:
+            raise InputError(f"{source}:{n}: index {index} listed twice")
+        if mid in lines:
+            raise InputError(f"{source}:{n}: class id {mid!r} listed twice (first on line {lines[mid]})")
+        classes[index] = AudioSetClass(index, mid, name)
+        lines[mid] = n
+    if not classes:
+        raise InputError(f"{source}: no classes")
+    if sorted(classes) != list(range(len(classes))):
+        gap = next(i for i in range(len(classes)) if i not in classes)
+        raise InputError(f"{source}: indices are not 0..{len(classes) - 1} (no index {gap})")
+    return [classes[i] for i in range(len(classes))]
+
+
+def parse_audioset_csv(text: str, source: str) -> list[AudioSetRow]:
+    """Rows of an AudioSet segments csv: `YTID, start_seconds, end_seconds, "mid1,mid2,..."`.
+
+    `#` lines (the official files' three comment lines) and a plain column header are skipped.
+    """
+    rows = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#") or _audioset_header(raw):
+            continue
+        rows.append(_audioset_row(raw, source, n))
+    return rows
+
+
+def _audioset_row(raw: str, source: str, n: int) -> AudioSetRow:
+    try:
+        cells = [cell.strip() for cell in next(csv.reader([raw], skipinitialspace=True), [])]
+    except csv.Error as e:
+        raise InputError(f"{source}:{n}: malformed csv ({e})") from e
+    if len(cells) != 4 or not cells[0] or "/" in cells[0]:
+        raise InputError(f"{source}:{n}: malformed row {raw.strip()[:80]!r}, {_AUDIOSET_ROW}")
+    start = _number(cells[1], source, n, "start_seconds")
+    end = _number(cells[2], source, n, "end_seconds")
+    if start is None or end is None:
+        raise InputError(f"{source}:{n}: start_seconds and end_seconds are required")
+    _check_span(start, end, source, n)
+    if not cells[3]:
+        raise InputError(f"{source}:{n}: empty label list")
+    mids = tuple(mid.strip() for mid in cells[3].split(","))
+    if not all(mids):
+        raise InputError(f"{source}:{n}: empty class id in the label list {cells[3]!r}")
+    return AudioSetRow(cells[0], start, end, mids, n)
+
+
+def audioset_class_indices(
+    row: AudioSetRow, index: dict[str, int], source: str, classes_source: str
+) -> tuple[int, ...]:
+    """The row's class indices, sorted and distinct; an id not in `index` is an InputError."""
+    for mid in row.mids:
+        if mid not in index:
+            raise InputError(f"{source}:{row.line}: class id {mid!r} is not in {classes_source}")
+    return tuple(sorted({index[mid] for mid in row.mids}))

@@ -19,15 +19,27 @@ class Job:
     end: float | None = None
     audio_only: bool = False
     extra: tuple[tuple[str, str | int], ...] = ()  # split/fold bookkeeping, copied to metadata
+    # Multi-label inputs (AudioSet): every class of the video, sorted by index; class_index is then -1.
+    labels: tuple[str, ...] = ()
+    class_indices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        indices = list(self.class_indices)
+        if len(self.labels) != len(indices) or indices != sorted(set(indices)) or min(indices, default=0) < 0:
+            raise ValueError(
+                f"{self.name}: class indices {indices} must be sorted, distinct, >= 0, one per label"
+            )
 
 
 @dataclass
 class Plan:
     """Everything `shard` will do, computed from the inputs alone (no media is opened)."""
 
-    kind: str  # "class-tree", "kinetics-csv", "ucf101", "hmdb51", "esc50", "manifest", "audio"
-    classes: list[str]  # class names; a Job's class_index indexes this list
+    kind: str  # one of plan.KINDS: "class-tree", "kinetics-csv", "audioset-csv", "ucf101", ...
+    classes: list[str]  # class names; a Job's class_index (or class_indices) indexes this list
     sets: dict[str, list[Job]]  # set name -> jobs in index order
     audio_required: bool  # default policy of this input kind (the CLI flag overrides it)
     missing: list[dict] = field(default_factory=list)  # annotated files not found: {"path", "reason"}
     shuffle_seed: int | None = None  # None: jobs in name order; else permuted by `plan.shuffle_plan`
+    multi_label: bool = False  # jobs carry a list of classes (class_indices), not one class
+    class_ids: list[str] = field(default_factory=list)  # the classes' own ids, if any (AudioSet MIDs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -12,12 +13,23 @@ from xdctools.errors import ConfigError, InputError
 from xdctools.shard import annotations as ann
 from xdctools.shard.jobs import Job, Plan
 
-KINDS = ("class-tree", "folder", "audio", "kinetics-csv", "ucf101", "hmdb51", "esc50", "manifest")
+KINDS = (
+    "class-tree",
+    "folder",
+    "audio",
+    "kinetics-csv",
+    "audioset-csv",
+    "ucf101",
+    "hmdb51",
+    "esc50",
+    "manifest",
+)
 # Pretraining drops videos without audio, as the paper does; downstream video sets keep them.
 AUDIO_REQUIRED = {
     "class-tree": True,
     "folder": True,
     "kinetics-csv": True,
+    "audioset-csv": True,
     "manifest": True,
     "ucf101": False,
     "hmdb51": False,
@@ -29,7 +41,10 @@ VIDEO_SUFFIXES = frozenset(
 )
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus", ".aac"})
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+HEAD_CHARS = 4096  # of a csv, enough to tell AudioSet's comment lines from a Kinetics header
 CLASS_INDEX_NAME = "classInd.txt"  # picked up from a class tree's root when no class file is given
+AUDIOSET_CLASSES_NAME = "class_labels_indices.csv"  # picked up beside an AudioSet csv
+DEFAULT_SET = "train"
 
 
 def build_plan(
@@ -41,15 +56,16 @@ def build_plan(
     split_ids: Sequence[int] | str | None = None,
     manifest: Path | None = None,
     classes: Path | None = None,
-    set_name: str = "train",
+    set_name: str | None = None,
 ) -> Plan:
     """The jobs for `xdctools shard`, grouped into shard sets.
 
     `root` is the media folder (for `manifest`, it may be the manifest file itself); `kind` is one of
     KINDS or None to detect it (see `detect_kind`). `split_ids` picks UCF101/HMDB51 splits (default
     [1]) or ESC-50 folds (default all); "all" takes every one found. `classes` is a class index file
-    ("1 Name" lines or one name per line) that fixes class names and indices. `set_name` names the
-    single set of unsplit inputs.
+    ("1 Name" lines or one name per line; AudioSet's `class_labels_indices.csv`) that fixes class names
+    and indices. `set_name` names the single set of unsplit inputs (default "train"; an AudioSet csv's
+    set is named after the file, see `annotations.audioset_set_name`).
 
     Within a set, jobs are sorted by name and `index` is their position (`shuffle_plan` permutes
     them). Every set holds at least one job. Annotated files absent from disk are listed in
@@ -65,14 +81,17 @@ def build_plan(
     if kind == "manifest":
         if manifest is None:
             raise ConfigError(f"{root}: kind 'manifest' needs a manifest file (csv or jsonl)")
-        return _plan_manifest(Path(manifest), classes, set_name)
+        return _plan_manifest(Path(manifest), classes, set_name or DEFAULT_SET)
     _check_dir(root)
     if kind in ("class-tree", "folder", "audio"):
-        return _plan_tree(root, kind, classes, set_name)
-    if kind == "kinetics-csv":
+        return _plan_tree(root, kind, classes, set_name or DEFAULT_SET)
+    if kind in ("kinetics-csv", "audioset-csv"):
         if csv is None:
-            raise ConfigError(f"{root}: kind 'kinetics-csv' needs a Kinetics csv file")
-        return _plan_kinetics(root, Path(csv), classes, set_name)
+            what = "a Kinetics" if kind == "kinetics-csv" else "an AudioSet segments"
+            raise ConfigError(f"{root}: kind {kind!r} needs {what} csv file")
+        if kind == "audioset-csv":
+            return _plan_audioset(root, Path(csv), classes, set_name)
+        return _plan_kinetics(root, Path(csv), classes, set_name or DEFAULT_SET)
     if kind == "esc50":
         return _plan_esc50(root, None if splits is None else Path(splits), split_ids, classes)
     if splits is None:
@@ -104,11 +123,13 @@ def shuffle_plan(plan: Plan, seed: int) -> Plan:
 def detect_kind(
     root: Path, *, csv: Path | None = None, splits: Path | None = None, manifest: Path | None = None
 ) -> str:
-    """The input kind implied by the arguments, else by the root's layout (only names are looked at)."""
+    """The input kind implied by the arguments, else by the root's layout (only names are looked at,
+    and the first lines of a csv)."""
     if splits is not None:
         return _splits_kind(Path(splits))
     if csv is not None:
-        return "kinetics-csv"
+        head = _read_text(Path(csv), "csv", limit=HEAD_CHARS)
+        return "audioset-csv" if ann.is_audioset_csv(head) else "kinetics-csv"
     if manifest is not None:
         return "manifest"
     _check_dir(root)
@@ -290,6 +311,107 @@ def _plan_kinetics(root: Path, csv_path: Path, classes_file: Path | None, set_na
     if not jobs:
         raise _nothing_found(csv_path, len(rows), root)
     return _assemble("kinetics-csv", classes, jobs, missing)
+
+
+# --- AudioSet csv --------------------------------------------------------------------------------
+def _plan_audioset(root: Path, csv_path: Path, classes_file: Path | None, set_name: str | None) -> Plan:
+    """One multi-label set: each csv row a clip, its class ids mapped through `class_labels_indices.csv`."""
+    rows = ann.parse_audioset_csv(_read_text(csv_path, "AudioSet csv"), str(csv_path))
+    if not rows:
+        raise InputError(f"{csv_path}: no rows")
+    classes_path = _audioset_classes_path(csv_path, classes_file)
+    classes = ann.parse_audioset_classes(_read_text(classes_path, "AudioSet class index"), str(classes_path))
+    names = [c.name for c in classes]
+    mid_index = {c.mid: c.index for c in classes}
+    set_name = set_name or ann.audioset_set_name(csv_path.name)
+    files = _AudioSetFiles(root, Counter(row.youtube_id for row in rows))
+    jobs, missing = [], []
+    for row in rows:
+        indices = ann.audioset_class_indices(row, mid_index, str(csv_path), str(classes_path))
+        job = _audioset_job(files, row, set_name, tuple(names[i] for i in indices), indices)
+        if job is None:
+            missing.append(_missing(f"{row.youtube_id}#t={row.start:g},{row.end:g}", set_name))
+        else:
+            jobs.append(job)
+    if not jobs:
+        raise _nothing_found(csv_path, len(rows), root)
+    plan = _assemble("audioset-csv", names, jobs, missing)
+    return replace(plan, multi_label=True, class_ids=[c.mid for c in classes])
+
+
+def _audioset_classes_path(csv_path: Path, classes_file: Path | None) -> Path:
+    """The class index given, else `class_labels_indices.csv` beside the csv (InputError when absent)."""
+    if classes_file is not None:
+        return Path(classes_file)
+    beside = csv_path.parent / AUDIOSET_CLASSES_NAME
+    if not beside.is_file():
+        raise InputError(
+            f"{csv_path}: no {AUDIOSET_CLASSES_NAME} beside it (pass AudioSet's class index with --classes)"
+        )
+    return beside
+
+
+def _audioset_job(
+    files: _AudioSetFiles,
+    row: ann.AudioSetRow,
+    set_name: str,
+    labels: tuple[str, ...],
+    indices: tuple[int, ...],
+) -> Job | None:
+    """The row's job: an already-trimmed clip as it is, or a whole video trimmed to the row's span; None
+    when neither is on disk."""
+    common = {"extra": (("youtube_id", row.youtube_id),), "labels": labels, "class_indices": indices}
+    clip = files.trimmed(row)
+    if clip is not None:
+        return Job(set_name, -1, files.path(clip), clip, audio_only=_is_audio(clip), **common)
+    full = files.untrimmed(row)
+    if full is None:
+        return None
+    name = f"{full}#t={row.start:g},{row.end:g}"  # media-fragment suffix: one full video, many spans
+    span = {"start": row.start, "end": row.end}
+    return Job(set_name, -1, files.path(full), name, audio_only=_is_audio(full), **span, **common)
+
+
+def _is_audio(rel: str) -> bool:
+    return os.path.splitext(rel)[1].lower() in AUDIO_SUFFIXES
+
+
+class _AudioSetFiles:
+    """Where the clip of an AudioSet row is on disk, by the names AudioSet downloaders write.
+
+    Video files first, then audio files (an audio-only download gives audio-only samples).
+    """
+
+    def __init__(self, root: Path, segments_per_id: Counter[str]) -> None:
+        self.base = os.path.abspath(root)
+        self.indexes = [
+            _FileIndex(list_media(root, VIDEO_SUFFIXES)),
+            _FileIndex(list_media(root, AUDIO_SUFFIXES)),
+        ]
+        self.segments_per_id = segments_per_id
+
+    def path(self, rel: str) -> str:
+        return _join(self.base, rel)
+
+    def trimmed(self, row: ann.AudioSetRow) -> str | None:
+        """`<id>_<start:06d>_<end:06d>`, `<id>_<start_ms>_<end_ms>`, or `Y<id>` when the csv holds one
+        segment of that video (the name does not say which span it holds)."""
+        stems = list(row.clip_stems)
+        if self.segments_per_id[row.youtube_id] == 1:
+            stems.append(f"Y{row.youtube_id}")
+        return self._find(stems)
+
+    def untrimmed(self, row: ann.AudioSetRow) -> str | None:
+        """`<id>.<ext>`: the whole video, trimmed to the row's span while sharding."""
+        return self._find([row.youtube_id])
+
+    def _find(self, stems: list[str]) -> str | None:
+        for index in self.indexes:
+            for stem in stems:
+                rel = index.stem(stem)
+                if rel is not None:
+                    return rel
+        return None
 
 
 # --- UCF101 and HMDB51 ---------------------------------------------------------------------------
@@ -484,10 +606,11 @@ def _suffix_list(suffixes: Iterable[str]) -> str:
     return " ".join(sorted(suffixes))
 
 
-def _read_text(path: Path, what: str) -> str:
-    """A text file's content (UTF-8, BOM dropped, CRLF read as LF)."""
+def _read_text(path: Path, what: str, limit: int | None = None) -> str:
+    """A text file's content, or its first `limit` characters (UTF-8, BOM dropped, CRLF read as LF)."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with path.open(encoding="utf-8-sig") as f:
+            return f.read(-1 if limit is None else limit)
     except FileNotFoundError:
         raise InputError(f"{path}: {what} not found") from None
     except IsADirectoryError:

@@ -123,8 +123,17 @@ def plan_fingerprint(plan: Plan) -> str:
     for set_name, jobs in plan.sets.items():
         h.update(set_name.encode())
         for job in jobs:
-            h.update(json.dumps(dataclasses.astuple(job), default=str).encode())
+            h.update(json.dumps(_hashed_fields(job), default=str).encode())
     return h.hexdigest()
+
+
+def _hashed_fields(job: Job) -> list:
+    """A job's field values; the multi-label ones only when set, so a single-label plan keeps the hash it
+    had before they existed (its params.json is unchanged and an older folder can still be resumed)."""
+    fields = dataclasses.asdict(job)
+    if not job.class_indices:
+        del fields["labels"], fields["class_indices"]
+    return list(fields.values())
 
 
 def mel_constants() -> dict[str, Any]:
@@ -199,6 +208,13 @@ def common_extra(jobs: list[Job]) -> dict:
     return common
 
 
+def label_fields(plan: Plan) -> dict:
+    """dataset.json's keys of a multi-label set (none otherwise, so single-label files stay as they were)."""
+    if not plan.multi_label:
+        return {}
+    return {"multi_label": True, "class_ids": list(plan.class_ids)}
+
+
 def dataset_record(plan: Plan, parameters: dict, records: list[dict]) -> dict:
     """dataset.json from the plan and every unit marker (records in make_units order)."""
     sets: dict[str, dict] = {}
@@ -235,6 +251,7 @@ def dataset_record(plan: Plan, parameters: dict, records: list[dict]) -> dict:
         "parameters": parameters,
         "kind": plan.kind,
         "classes": list(plan.classes),
+        **label_fields(plan),
         "totals": totals,
         "failures_by_reason": dict(sorted(reasons.items())),
         "sets": sets,

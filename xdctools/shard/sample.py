@@ -102,6 +102,8 @@ def _sample(
     }
     if job.class_index >= 0:
         members[fmt.CLS_EXT] = str(job.class_index).encode("ascii")
+    if job.class_indices:
+        members[fmt.LABELS_EXT] = fmt.encode_labels(job.class_indices)
     if not job.audio_only:
         members[params.video_ext] = video
     return [(f"{key}.{ext}", members[ext]) for ext in fmt.MEMBER_ORDER if ext in members]
@@ -153,6 +155,9 @@ def metadata_json(
         "mel": {**MEL_PARAMS, "frames": mel_frames},
         "codec": params.to_dict(output_only=True),
     }
+    if job.class_indices:  # multi-label: "label" is null and "class_index" -1, as in info.npy
+        doc["labels"] = list(job.labels)
+        doc["class_indices"] = list(job.class_indices)
     if not job.audio_only:
         doc["video"] = {
             "frames": meta["frames"],
