@@ -41,3 +41,32 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plan = shuffle_plan(build_plan(root / "videos"), 0)
     run_shard(plan, ShardParams(short_side=64), root / "shards", shard_size=3, workers=2)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def audioset_shards(tiny_shards: Path, splits_dir: Path) -> Path:
+    """A multi-label set: the tiny set's 9 synthetic videos under the names of 9 real rows of AudioSet's
+    balanced_train_segments.csv (real label lists, real class index), sharded through the AudioSet input
+    as set `balanced_train`. The labels say nothing about the pictures; the plumbing is what is tested."""
+    from xdctools.shard.params import ShardParams
+    from xdctools.shard.plan import build_plan, shuffle_plan
+    from xdctools.shard.run import run_shard
+
+    root = tiny_shards.parent / "audioset"
+    if (root / "shards" / "dataset.json").is_file():
+        return root / "shards"
+    lines = (splits_dir / "audioset" / "balanced_train_segments.csv").read_text().splitlines()
+    rows = [line for line in lines[3:] if ".000, " in line and line.split(",")[1].strip().endswith(".000")][
+        :9
+    ]
+    videos = sorted((tiny_shards.parent / "videos").glob("*/*.mp4"))
+    (root / "downloads").mkdir(parents=True)
+    for line, video in zip(rows, videos, strict=True):
+        ytid, start, end = (cell.strip() for cell in line.split(",")[:3])
+        (root / "downloads" / f"{ytid}_{float(start):06.0f}_{float(end):06.0f}.mp4").symlink_to(video)
+    csv = root / "balanced_train_segments.csv"
+    csv.write_text("\n".join([*lines[:3], *rows]) + "\n")
+    (root / "class_labels_indices.csv").symlink_to(splits_dir / "audioset" / "class_labels_indices.csv")
+    plan = shuffle_plan(build_plan(root / "downloads", csv=csv), 0)
+    run_shard(plan, ShardParams(short_side=64), root / "shards", shard_size=3, workers=2)
+    return root / "shards"

@@ -211,13 +211,16 @@ def check_first_step_is_one_process_step(tmp_path: Path, recipe: dict) -> None:
     for key, value in steps[0]["before"].items():
         assert torch.equal(value, steps[1]["before"][key])
     params = [
-        k for k, _ in loop.build_learner(parse_recipe(yaml.safe_dump(recipe)), None, None).named_parameters()
+        k
+        for k, _ in loop.build_learner(
+            parse_recipe(yaml.safe_dump(recipe)), {"video": 3, "audio": 3}
+        ).named_parameters()
     ]
     for key in params:
         assert torch.equal(steps[0]["after"][key], steps[1]["after"][key])
     one = parse_recipe(yaml.safe_dump({**recipe, "optim": {**recipe["optim"], "lr": 0.1}}))
     assert steps[0]["lr"] == effective_schedule(one.optim, 1).lr == 0.1  # 2 x 0.05 on 2 ranks
-    learner = loop.build_learner(one, None, None)
+    learner = loop.build_learner(one, {"video": 3, "audio": 3})
     learner.load_state_dict(steps[0]["before"])
     learner.train()
     optimizer = build_optimizer(learner.parameters(), one.optim)

@@ -103,7 +103,7 @@ def test_logger_writes_jsonl_tensorboard_plots_and_report(tmp_path: Path) -> Non
     }
     report = write_report(tmp_path, recipe, summary).read_text()
     assert report.startswith("# Run report: tiny\n\nFinished: 2 iterations.")
-    assert "method: **xdc**" in report and "k=4" in report and "es 32, bs 8, lr 0.05" in report
+    assert "method: **xdc**" in report and "k 4," in report and "es 32, bs 8, lr 0.05" in report
     assert "videos 48, segments 96" in report and "wall time: 1h 02m 05s" in report
     assert "| iteration | epochs | early stop | train_loss_video | val_acc_audio | val_loss_video |" in report
     assert "| 1 | 2 | yes | 0.9 | 0.5 | 1.4 |" in report

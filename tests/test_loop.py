@@ -24,6 +24,7 @@ from trainer.step import LabelTables, balanced_weights, head_losses, summarise
 from xdctools.commands.compare import compare
 from xdctools.commands.train import train
 from xdctools.errors import ConfigError, DataError
+from xdctools.features.store import open_store
 from xdctools.recipe import METHODS, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,12 +213,13 @@ def test_xdc_iterations_end_to_end_with_heads_reset(shards: Path, tmp_path: Path
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert out.output.splitlines() == lines
     first, final = result.iterations[0], result.iterations[-1]
-    assert lines[2].startswith(f"| Random init | iteration 0 | 0 | {first['probe_video']:.3f} |")
-    assert lines[3].startswith(f"| XDC | run | 2 | {final['probe_video']:.3f} | {final['probe_audio']:.3f} |")
+    assert lines[2].startswith(f"| Random init | iteration 0 | 0 | – | {first['probe_video']:.3f} |")
+    probes = f"{final['probe_video']:.3f} | {final['probe_audio']:.3f} |"
+    assert lines[3].startswith(f"| XDC | run | 2 | 3 | {probes}")  # k 3
     # --mean over one run: the same numbers, no spread
     out = CliRunner().invoke(compare, [str(run), "--mean"])
     assert out.exit_code == 0, out.output
-    assert f"| XDC | 1 run: run | 2 | {final['probe_video']:.3f} | {final['probe_audio']:.3f} |" in out.output
+    assert f"| XDC | 1 run: run | 2 | 3 | {probes}" in out.output
 
 
 DRIVER = """
@@ -329,6 +331,86 @@ def test_every_clustering_method_trains(shards: Path, tmp_path: Path, method: st
     assert recipe.clustering.uniform_sampling == (method == "sdc")  # DeepCluster's safeguard for SDC
 
 
+def test_retrain_learns_the_finished_runs_last_assignment_with_the_video_encoder_only(
+    shards: Path, tmp_path: Path
+) -> None:
+    """The paper's §6 protocol: a finished run's last labels, one encoder, longer clips, a fresh start."""
+    from field_reads import all_fields, field_reads
+
+    from xdctools.recipe import Retrain
+
+    source = tiny_recipe(
+        shards, tmp_path / "src", clustering={"k": {"video": 2, "audio": 3}}, optim={"epoch_size": 4}
+    )
+    loop.run(parse_recipe(yaml.safe_dump(source)))
+    last = load_checkpoint(list_checkpoints(tmp_path / "src")[-1][2])
+    assert last["iteration"] == 1  # the labels of the run's last iteration
+
+    doc = tiny_recipe(
+        shards,
+        tmp_path / "re",
+        data={"clip_frames": 8},
+        retrain={"run": str(tmp_path / "src")},
+        run={"probe": True},
+    )
+    doc.pop("clustering")
+    recipe = parse_recipe(yaml.safe_dump(doc))
+    with field_reads() as reads:
+        result = loop.run(recipe)
+    assert all_fields(Retrain) - reads == set()  # every retrain field acts
+    assert [r["iteration"] for r in result.iterations] == [0, 1]  # one training iteration, then final
+    assert "probe_video" in result.iterations[1] and "probe_audio" not in result.iterations[1]
+    assert not any(k.startswith("nmi_") for row in result.iterations for k in row)  # nothing is clustered
+    state = load_checkpoint(list_checkpoints(tmp_path / "re")[-1][2])
+    assert set(state["labels"]) == {"audio"}
+    assert np.array_equal(unpack_array(state["labels"]["audio"]), unpack_array(last["labels"]["audio"]))
+    weights = load_checkpoint(tmp_path / "re" / "encoders.pt")["model"]
+    assert {k.split(".")[1] for k in weights} == {"video"}  # the audio encoder is not re-trained
+    assert weights["heads.video.heads.other.weight"].shape[0] == 3  # the source's audio k
+    report = (tmp_path / "re" / "report.md").read_text()
+    line = "- retrain: the video encoder, from random weights, on the last cluster assignment of"
+    assert f"{line} `{tmp_path}/src`" in report
+    assert "clips 8x64x64" in report
+
+    # init: scratch is a seeded random encoder; init: final starts from the run's final video encoder
+    s = loop.open_session(recipe, resume=False, progress=None)
+    torch.manual_seed(0)
+    fresh = loop.build_learner(recipe, {"audio": 3}).encoders["video"].state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in s.learner.encoders["video"].state_dict().items())
+    s.logger.close()
+    final = parse_recipe(yaml.safe_dump({**doc, "retrain": {"run": str(tmp_path / "src"), "init": "final"}}))
+    s = loop.open_session(final, resume=False, progress=None)
+    src = load_checkpoint(tmp_path / "src" / "encoders.pt")["model"]
+    assert all(
+        torch.equal(v, src[f"encoders.video.{k}"])
+        for k, v in s.learner.encoders["video"].state_dict().items()
+    )
+    s.logger.close()
+
+
+def test_retrain_refuses_what_it_cannot_learn_from(shards: Path, tmp_path: Path) -> None:
+    doc = tiny_recipe(shards, tmp_path / "re", retrain={"run": str(tmp_path / "none")})
+    doc.pop("clustering")
+    path = write_recipe(tmp_path / "re.yaml", doc)
+    result = CliRunner().invoke(train, [str(path), "--quiet"])
+    assert result.exit_code == 5 and f"{tmp_path / 'none'}: not a finished training run" in result.output
+    cdc = tiny_recipe(
+        shards, tmp_path / "cdc", method="cdc", optim={"epoch_size": 4}, clustering={"iterations": 1}
+    )
+    loop.run(parse_recipe(yaml.safe_dump(cdc)))
+    result = CliRunner().invoke(train, [str(path), "--quiet", "--set", f"retrain.run={tmp_path / 'cdc'}"])
+    assert (
+        result.exit_code == 5
+        and "no audio labels (it holds cdc); method xdc re-trains the video encoder" in result.output
+    )
+    other = str(unlabelled_shards(shards))
+    result = CliRunner().invoke(
+        train,
+        [str(path), "--quiet", "--set", f"retrain.run={tmp_path / 'cdc'}", "--set", f"data.shards={other}"],
+    )
+    assert result.exit_code == 5 and "its labels are for another shard set (9 videos)" in result.output
+
+
 def test_every_recipe_field_is_read_by_the_run(shards: Path, tmp_path: Path) -> None:
     """No flag that nothing reads: a run reads every field of the recipe (the report's reads do not count).
 
@@ -363,6 +445,40 @@ def test_superv_trains_on_true_labels_and_refuses_unlabelled_shards(shards: Path
     doc["data"]["shards"] = str(unlabelled_shards(shards))
     with pytest.raises(DataError, match="carries no class labels; method superv"):
         loop.run(parse_recipe(yaml.safe_dump(doc)))
+
+
+def test_superv_on_a_multi_label_set_learns_multi_hot_targets_and_probes_by_map(
+    audioset_shards: Path, tmp_path: Path
+) -> None:
+    """AudioSet's Superv: sigmoid outputs over the 527 classes, binary cross-entropy, mAP in the probe."""
+    doc = tiny_recipe(audioset_shards, tmp_path / "sup", method="superv", run={"probe": True})
+    doc["data"]["train_set"] = "balanced_train"
+    doc.pop("clustering")
+    recipe = parse_recipe(yaml.safe_dump(doc))
+    result = loop.run(recipe)
+    catalog = read_catalog(find_shards(audioset_shards, "balanced_train"))
+    assert catalog.multi_label and not catalog.has_labels
+    state = load_checkpoint(list_checkpoints(tmp_path / "sup")[-1][2])
+    assert state["model"]["heads.video.heads.true.weight"].shape[0] == 527  # class_labels_indices.csv
+    records = [json.loads(x) for x in (tmp_path / "sup" / "metrics.jsonl").read_text().splitlines()]
+    epoch = next(r for r in records if r["event"] == "epoch")
+    # a fresh head's sigmoid outputs start near 0.5: the BCE averaged over 527 classes is near log(2)
+    assert 0.4 < epoch["train_loss_video_true"] < 1.0 and np.isfinite(epoch["val_loss"])
+    probes = [r for r in records if r["event"] == "probe"]
+    assert probes and all("map" in r and "accuracy" not in r and 0 < r["map"] <= 1 for r in probes)
+    assert {"probe_map_video", "probe_map_audio"} <= set(result.iterations[-1])
+    assert "video mAP" in (tmp_path / "sup" / "report.md").read_text()
+
+    # the probe's mAP, recomputed here from the stored features and the true class lists
+    store = open_store(tmp_path / "sup" / "features" / "final.zarr")
+    held = loop.held_out_videos(catalog.num_videos, recipe.data.val_fraction, recipe.seed)
+    train, test = np.flatnonzero(~held), np.flatnonzero(held)
+    x = store.read("video", 0, catalog.num_videos).astype(np.float32)
+    score = loop.multilabel_probe(
+        x[train], catalog.multi_hot(train, 527), x[test], catalog.multi_hot(test, 527)
+    )
+    final = next(r for r in probes if r["iteration"] == 1 and r["modality"] == "video")
+    assert final["map"] == pytest.approx(score)
 
 
 def test_bad_recipes_fail_naming_the_field(shards: Path, tmp_path: Path) -> None:

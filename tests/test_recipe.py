@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pydantic import ValidationError
 
@@ -52,6 +53,8 @@ def test_recipes_exist() -> None:
         "pretrain/audioset240k-xdc.yaml",
         "pretrain/ig65m-xdc.yaml",
         "pretrain/kinetics-xdc-32f.yaml",
+        "pretrain/audioset-xdc-32f.yaml",
+        "pretrain/ig65m-xdc-32f.yaml",
         "pretrain/kinetics-xdc-tables13-14.yaml",
         "pretrain/kinetics-superv.yaml",
         "pretrain/audioset-superv.yaml",
@@ -88,7 +91,9 @@ TABLE_10 = [
         True,
         {"video": 64, "audio": 128},
     ),
-    ("pretrain/kinetics-xdc-32f.yaml", 1_000_000, 8, 0.0025, 10, 10, 30, 1e-4, True, 256),
+    ("pretrain/kinetics-xdc-32f.yaml", 1_000_000, 8, 0.0025, 10, 10, 30, 1e-4, True, None),
+    ("pretrain/audioset-xdc-32f.yaml", 2_000_000, 8, 0.0025, 10, 10, 45, 1e-4, True, None),
+    ("pretrain/ig65m-xdc-32f.yaml", 10_000_000, 8, 0.0025, 0, 9, 30, 1e-4, False, None),
     ("pretrain/audioset-xdc.yaml", 2_000_000, 32, 0.01, 10, 10, 45, 1e-4, True, 256),
     ("pretrain/audioset240k-xdc.yaml", 2_000_000, 32, 0.01, 10, 10, 45, 1e-4, True, 64),
     ("pretrain/ig65m-xdc.yaml", 10_000_000, 32, 0.01, 1, 3, 10, 1e-4, False, 2048),
@@ -127,6 +132,46 @@ def test_ig65m_last_iteration_is_the_star_row() -> None:
     assert (last.epoch_size, last.lr, last.early_stop) == (10_000_000, 0.01, False)
     with pytest.raises(ValueError, match="not in"):
         recipe.optim_for(recipe.iterations)
+
+
+@pytest.mark.parametrize("data", ["kinetics", "audioset", "ig65m"])
+def test_32_frame_recipes_retrain_the_video_encoder_on_the_8_frame_runs_labels(data: str) -> None:
+    recipe = load_recipe(RECIPES / f"pretrain/{data}-xdc-32f.yaml")
+    source = load_recipe(RECIPES / f"pretrain/{data}-xdc.yaml")
+    assert recipe.retrain is not None and recipe.clustering is None and recipe.iterations == 1
+    assert (recipe.retrain.run, recipe.retrain.encoder, recipe.retrain.init) == (
+        source.run.out,
+        "video",
+        "scratch",
+    )
+    assert recipe.heads == {"video": {"other": "audio"}} and recipe.views == ("audio",)
+    assert recipe.data.shards == source.data.shards and recipe.data.clip_frames == 32
+    assert (recipe.optim.batch_size, recipe.optim.lr) == (8, 0.0025)  # Appendix B: 32 / 4 and 0.01 / 4
+    last = source.optim_for(source.iterations - 1)  # the schedule of the iteration it re-trains
+    assert (recipe.optim.warmup_epochs, recipe.optim.step_epochs, recipe.optim.total_epochs) == (
+        last.warmup_epochs,
+        last.step_epochs,
+        last.total_epochs,
+    )
+
+
+def test_retrain_section_errors(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["retrain"] = {"run": "runs/x"}
+    assert error_of(tmp_path, doc) == (
+        "clustering: a retrain run takes the labels and k of retrain.run; remove this section"
+    )
+    del doc["clustering"]
+    assert load_recipe(write(tmp_path, doc)).heads == {"video": {"other": "audio"}}
+    assert error_of(tmp_path, {**doc, "retrain": {"run": "r", "encoder": "both"}}) == (
+        "retrain.encoder: must be one of 'video' or 'audio' (got 'both')"
+    )
+    assert error_of(tmp_path, {**doc, "method": "superv"}) == (
+        "retrain: re-trains on a clustering run's labels; method superv has none"
+    )
+    assert error_of(tmp_path, {**doc, "retrain": {"run": "r", "init": "warm"}}).startswith(
+        "retrain.init: must be"
+    )
 
 
 def test_sdc_gets_deepcluster_safeguards_and_methods_route_labels() -> None:
@@ -406,8 +451,15 @@ def test_k_per_view_sizes_each_head_by_the_view_it_learns(tmp_path: Path) -> Non
     recipe = load_recipe(write(tmp_path, doc))
     c = recipe.clustering
     assert (c.k_for("video"), c.k_for("audio"), c.k_text) == (64, 128, "video 64, audio 128")
-    assert recipe.head_classes("video", "other") == 128  # XDC's video encoder learns the audio clusters
-    assert recipe.head_classes("audio", "other") == 64
+    from trainer import loop
+
+    learner = loop.build_learner(recipe, loop.fixed_labels(recipe, None)[1])
+    sizes = {
+        enc: learner.heads[enc](torch.zeros(1, learner.encoders[enc].feature_dim))
+        for enc in ("video", "audio")
+    }
+    assert sizes["video"]["other"].shape == (1, 128)  # XDC's video encoder learns the 128 audio clusters
+    assert sizes["audio"]["other"].shape == (1, 64)
     assert parse_recipe(dump_recipe(recipe)) == recipe
     one = load_recipe(write(tmp_path, BASE))
     assert one.clustering.k_for("audio") == one.clustering.k_for("cdc") == 6 and one.clustering.k_text == "6"

@@ -9,7 +9,8 @@ the report read these events and fields (others are kept and sent to TensorBoard
                val_loss[_<head>], val_acc[_<head>], seconds
     cluster    iteration, view ("video" | "audio" | "cdc"), k, sizes (list of k ints), empty,
                nmi and purity (when true labels exist), objective
-    probe      iteration, modality ("video" | "audio"), accuracy (0..1), split
+    probe      iteration, modality ("video" | "audio"), accuracy (0..1) or, on a multi-label set, map
+               (mean average precision, 0..1), split
     iteration  iteration, epochs (trained), stopped_early (bool), seconds
 
 TensorBoard gets every numeric field as a scalar `event[/view|/modality|/head]/field` at `step`, and
@@ -211,10 +212,7 @@ def plot_metrics(run_dir: str | os.PathLike) -> list[Path]:
         ("losses.png", _plot_losses),
         ("cluster_sizes.png", _plot_cluster_sizes),
         ("nmi.png", lambda r: _plot_per_iteration(r, "cluster", "view", "nmi", "NMI with the true labels")),
-        (
-            "probe.png",
-            lambda r: _plot_per_iteration(r, "probe", "modality", "accuracy", "linear probe accuracy"),
-        ),
+        ("probe.png", _plot_probe),
     ):
         png = draw(records)
         if png is not None:
@@ -307,6 +305,13 @@ def _plot_per_iteration(
     return _png(fig)
 
 
+def _plot_probe(records: list[dict[str, Any]]) -> bytes | None:
+    """Probe accuracy per iteration, or mAP on a multi-label set (its records carry `map`)."""
+    field = "map" if any(r["event"] == "probe" and "map" in r for r in records) else "accuracy"
+    title = "linear probe mAP" if field == "map" else "linear probe accuracy"
+    return _plot_per_iteration(records, "probe", "modality", field, title)
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -378,6 +383,12 @@ def _what_was_run(run_dir: Path, recipe: Recipe, digest: str, summary: Mapping[s
         out.append(
             f"- clustering: k {c.k_text}, {c.niter} k-means iterations, spherical {_fmt(c.spherical)}, pca "
             f"{_fmt(c.pca)}, uniform sampling {_fmt(c.uniform_sampling)}, reseed empty {_fmt(c.reseed_empty)}"
+        )
+    if recipe.retrain is not None:
+        r = recipe.retrain
+        start = "random weights" if r.init == "scratch" else "the run's final weights"
+        out.append(
+            f"- retrain: the {r.encoder} encoder, from {start}, on the last cluster assignment of `{r.run}`"
         )
     stop = f"yes (patience {o.patience})" if o.early_stop else "no"
     out.append(
@@ -466,9 +477,9 @@ def _probe_table(records: list[dict[str, Any]]) -> list[str]:
     table: dict[int, dict[str, Any]] = defaultdict(dict)
     modalities: list[str] = []
     for r in records:
-        if r["event"] == "probe" and _is_number(r.get("accuracy")):
-            name = str(r.get("modality", "?"))
-            table[int(r.get("iteration", 0))][name] = r["accuracy"]
+        if r["event"] == "probe" and _is_number(r.get("accuracy", r.get("map"))):
+            name = str(r.get("modality", "?")) + (" mAP" if "map" in r else "")
+            table[int(r.get("iteration", 0))][name] = r.get("accuracy", r.get("map"))
             if name not in modalities:
                 modalities.append(name)
     if not table:

@@ -12,7 +12,7 @@ device; the loop reads them when it logs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,13 +54,16 @@ class LabelTables:
     """What each head learns, per video row: labels (-1: none), loss weights, and the held-out mask.
 
     videos: (N,) int64 ascending video indices; labels[(enc, head)]: (N,) int64; weights[(enc, head)]:
-    (N,) float32 or absent (uniform); held_out: (N,) bool.
+    (N,) float32 or absent (uniform); held_out: (N,) bool. A multi-label head (Superv on AudioSet) has
+    `multi_hot[(enc, head)]`: store rows -> (n, classes) float32 targets, and its labels only say which
+    rows have any class (0) or none (-1).
     """
 
     videos: np.ndarray
     labels: Mapping[HeadKey, np.ndarray]
     held_out: np.ndarray
     weights: Mapping[HeadKey, np.ndarray] | None = None
+    multi_hot: Mapping[HeadKey, Callable[[np.ndarray], np.ndarray]] | None = None
 
     def rows(self, index: torch.Tensor) -> np.ndarray:
         idx = index.numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
@@ -87,6 +90,9 @@ class LabelTables:
                 "train": train.to(device, non_blocking=True),
                 "val": (known & held).float().to(device, non_blocking=True),
             }
+            if self.multi_hot is not None and key in self.multi_hot:
+                targets = torch.from_numpy(self.multi_hot[key](rows))
+                out[key]["targets"] = targets.to(device, non_blocking=True)
         return out
 
 
@@ -114,15 +120,24 @@ def head_losses(
 
     `weight` divides the weighted CE sum: by default this batch's training weight; `train_step` passes
     the global one (see there). A batch without training rows gives a zero loss that still reaches
-    every parameter (DDP needs it).
+    every parameter (DDP needs it). With multi-hot `targets` (a multi-label head) a row's loss is its
+    binary cross-entropy averaged over the classes (sigmoid outputs, as AudioSet's supervised models),
+    and "correct" means its top class is one of its true classes.
     """
-    ce = F.cross_entropy(logits.float(), target["labels"], reduction="none")
+    if "targets" in target:
+        ce = F.binary_cross_entropy_with_logits(logits.float(), target["targets"], reduction="none").mean(1)
+    else:
+        ce = F.cross_entropy(logits.float(), target["labels"], reduction="none")
     train, val = target["train"], target["val"]
     weight = train.sum() if weight is None else weight
     loss = (ce * train).sum() / weight.clamp(min=1e-12)
     with torch.no_grad():
         seen = (train > 0).float()
-        correct = (logits.argmax(1) == target["labels"]).float()
+        top = logits.argmax(1)
+        if "targets" in target:
+            correct = target["targets"].gather(1, top[:, None])[:, 0]
+        else:
+            correct = (top == target["labels"]).float()
         stats = torch.stack(
             [(ce * seen).sum(), seen.sum(), (ce * val).sum(), val.sum(), (correct * val).sum()]
         ).detach()

@@ -20,10 +20,20 @@ import yaml
 from xdctools.errors import InputError
 
 METHOD_NAMES = {"sdc": "SDC", "mdc": "MDC", "cdc": "CDC", "xdc": "XDC", "superv": "Superv"}
-COLUMNS = ("probe_video", "probe_audio", "nmi_video", "nmi_audio", "nmi_cdc")
+COLUMNS = (
+    "probe_video",
+    "probe_audio",
+    "probe_map_video",
+    "probe_map_audio",
+    "nmi_video",
+    "nmi_audio",
+    "nmi_cdc",
+)
 HEADERS = {
     "probe_video": "video probe",
     "probe_audio": "audio probe",
+    "probe_map_video": "video probe mAP",  # multi-label sets (AudioSet)
+    "probe_map_audio": "audio probe mAP",
     "nmi_video": "NMI video clusters",
     "nmi_audio": "NMI audio clusters",
     "nmi_cdc": "NMI joint (CDC) clusters",

@@ -1,7 +1,8 @@
 """Training recipes: YAML -> validated, frozen config; overrides, the resolved dump and its digest.
 
 A recipe has six parts: `name`, `method` and `seed` at the top, then the sections `data`, `model`,
-`clustering` (absent for `superv`), `optim` and `run`. Every section forbids unknown keys and checks
+`clustering` (absent for `superv` and for a `retrain` run, which re-trains one encoder on the labels of
+a finished run), `optim` and `run`. Every section forbids unknown keys and checks
 types strictly (the string "0.1" is not a number, 1 is not `true`, 8.0 is not an integer). Errors are
 one line, the first error and how many more:
 
@@ -236,6 +237,21 @@ class Clustering(Section):
         return getattr(self.k, view)
 
 
+class Retrain(Section):
+    """Re-train one encoder on a finished run's last clustering assignment (the paper's §6 protocol).
+
+    "We re-train the XDC video encoder on the last clustering assignment using 32-frame clips": the
+    labels (and their k) are those the finished run's last iteration trained on; only `encoder` is
+    built and trained, from random weights by default, as a new pretraining with Appendix B's
+    32-frame settings (batch 8, base lr 0.0025) and Table 10's schedule.
+    """
+
+    run: str = Field(min_length=1)  # folder of a finished `xdctools train` run on the same shards
+    encoder: Literal["video", "audio"] = "video"
+    # scratch: random weights (the paper "re-trains"); final: start from the run's final encoder weights
+    init: Literal["scratch", "final"] = "scratch"
+
+
 class Run(Section):
     """Where a run writes and what it measures on the side."""
 
@@ -260,6 +276,7 @@ class Recipe(Section):
     data: Data
     model: Model = Model()
     clustering: Clustering | None = None
+    retrain: Retrain | None = None
     optim: Optim
     run: Run
 
@@ -282,9 +299,18 @@ class Recipe(Section):
     def _consistent(self) -> Recipe:
         if self.method == "superv" and self.clustering is not None:
             raise FieldProblem("clustering", "method superv trains on the true labels; remove this section")
-        if self.method != "superv" and self.clustering is None:
+        if self.retrain is not None:
+            if self.method == "superv":
+                raise FieldProblem(
+                    "retrain", "re-trains on a clustering run's labels; method superv has none"
+                )
+            if self.clustering is not None:
+                raise FieldProblem(
+                    "clustering", "a retrain run takes the labels and k of retrain.run; remove this section"
+                )
+        elif self.method != "superv" and self.clustering is None:
             raise FieldProblem("clustering", f"required for method {self.method}")
-        if self.method == "cdc" and isinstance(self.clustering.k, KPerView):
+        if self.method == "cdc" and self.clustering is not None and isinstance(self.clustering.k, KPerView):
             raise FieldProblem(
                 "clustering.k", "cdc clusters the joint features with one k; give a number, not one per view"
             )
@@ -323,24 +349,23 @@ class Recipe(Section):
         """Per encoder, its heads and the labels each learns: "video"/"audio" pseudo-labels or "cdc"/"true".
 
         The names are the views of `xdctools.cluster` (labels of the video, audio or concatenated
-        features), so the loop can cluster each needed view once and route the labels.
+        features), so the loop can cluster each needed view once and route the labels. A retrain run
+        has only the encoder it re-trains.
         """
-        return {
+        heads = {
             "sdc": {"video": {"own": "video"}, "audio": {"own": "audio"}},
             "mdc": {"video": {"own": "video", "other": "audio"}, "audio": {"own": "audio", "other": "video"}},
             "cdc": {"video": {"own": "cdc"}, "audio": {"own": "cdc"}},
             "xdc": {"video": {"other": "audio"}, "audio": {"other": "video"}},
             "superv": {"video": {"true": "true"}, "audio": {"true": "true"}},
         }[self.method]
-
-    def head_classes(self, encoder: str, head: str, true_classes: int = 0) -> int:
-        """Outputs of one head: the k of the view it learns, or `true_classes` for superv's true labels."""
-        view = self.heads[encoder][head]
-        return true_classes if view == "true" else self.clustering.k_for(view)
+        if self.retrain is not None:
+            return {self.retrain.encoder: heads[self.retrain.encoder]}
+        return heads
 
     @property
     def views(self) -> tuple[str, ...]:
-        """The feature views to cluster each iteration, in a fixed order (none for superv)."""
+        """The label views the heads learn, in a fixed order: clustered each iteration (none for superv)."""
         wanted = {view for heads in self.heads.values() for view in heads.values()}
         return tuple(view for view in ("video", "audio", "cdc") if view in wanted)
 
