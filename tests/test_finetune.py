@@ -1,13 +1,19 @@
 """Downstream evaluation (trainer.finetune, trainer.svm, trainer.results, `xdctools finetune`) on real shards.
 
 Shards come from the real pipeline: synth videos split by a manifest, FSDD recordings laid out as
-ESC-50, and the real UCF101/HMDB51 clips of ../shared/data with their official split files.
+ESC-50, the real UCF101/HMDB51 clips of ../shared/data with their official split files, and real
+AudioSet csv rows (multi-label) with real clips linked under their YouTube ids.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +22,24 @@ import torch
 from click.testing import CliRunner
 from field_reads import all_fields, field_reads
 
-from trainer.checkpoint import list_checkpoints, save_checkpoint
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.data import ClipSpec, Runtime, eval_loader, train_loader
+from trainer.extract import read_catalog
 from trainer.finetune import (
     ClipRows,
     EncoderSource,
+    MultiHot,
+    Split,
     SplitResult,
+    batch_loss,
     build_encoder,
+    check_multi_label_splits,
     clip_probabilities,
+    empty_label_lists,
     encoder_state,
     make_classifier,
     make_optimizer,
+    multi_label_catalog,
     open_sets,
     read_dataset,
     resolve_splits,
@@ -39,6 +52,7 @@ from trainer.finetune import (
     video_scores,
 )
 from trainer.log import read_metrics
+from trainer.metrics import mean_average_precision
 from trainer.models import MultiHead, r2plus1d_18, resnet18_audio
 from trainer.results import merge_entry, read_results
 from trainer.step import Learner
@@ -46,7 +60,7 @@ from trainer.svm import ClipFeatures, fit_svm
 from xdctools import eval_recipe as er
 from xdctools.commands.finetune import finetune
 from xdctools.errors import ConfigError, DataError, InputError
-from xdctools.eval_recipe import TABLE_12_LRS, load_eval_recipe, parse_eval_recipe
+from xdctools.eval_recipe import TABLE_12_LRS, eval_digest, load_eval_recipe, parse_eval_recipe
 from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan, shuffle_plan
 from xdctools.shard.run import run_shard
@@ -121,8 +135,18 @@ run: {{out: {out}}}
 
 
 def test_eval_recipes_follow_tables_11_and_12() -> None:
-    assert {p.stem for p in EVAL_RECIPES} >= {"ucf101", "hmdb51", "esc50", "dcase"}
+    stems = {p.stem for p in EVAL_RECIPES}
+    assert stems >= {"ucf101", "hmdb51", "esc50", "dcase", "ucf101-32f", "hmdb51-32f"}
     epochs = {"ucf101": 106_000, "hmdb51": 40_000, "esc50": 20_000}
+    # Table 12 as printed, and / 4 for 32-frame clips (Appendix B)
+    paper = {
+        "full": (0.001, 0.002, 0.004, 0.006, 0.008, 0.01),
+        "fc": (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.02, 0.04),
+    }
+    quarter = {
+        "full": (0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.0025),
+        "fc": (0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.01),
+    }
     for path in EVAL_RECIPES:
         r = load_eval_recipe(path)  # every shipped recipe validates
         if r.dataset not in ("ucf101", "hmdb51", "esc50", "dcase"):
@@ -131,11 +155,50 @@ def test_eval_recipes_follow_tables_11_and_12() -> None:
             assert r.svm.num_clips == 60 and r.data.modality == "audio"
             continue
         o = r.optim
-        assert (o.epoch_size, o.batch_size, o.weight_decay, o.gamma) == (epochs[r.dataset], 32, 0.005, 0.01)
+        frames32 = path.stem.endswith("-32f")  # Table 7: 32-frame clips, batch 8, lr / 4 (Appendix B)
+        batch, frames, lr, factor = (8, 32, 0.001, 0.25) if frames32 else (32, 8, 0.004, 1.0)
+        table_11 = (epochs[r.dataset], batch, 0.005, 0.01)
+        assert (o.epoch_size, o.batch_size, o.weight_decay, o.gamma) == table_11
         assert (o.warmup_epochs, o.step_epochs, o.total_epochs, r.test.num_clips) == (2, 2, 8, 10)
+        assert (r.data.clip_frames, o.lr, o.lr_factor, o.lrs) == (frames, lr, factor, None)
+        assert o.lr_scaling == "linear"  # batch per GPU, each lr x world size, as pretraining
         assert len(r.data.splits) == (5 if r.dataset == "esc50" else 3)
-        swept = load_eval_recipe(path, ["optim.sweep=true", "mode=fc"])
-        assert swept.lrs == TABLE_12_LRS["fc"] == (*TABLE_12_LRS["full"], 0.02, 0.04)
+        for mode in ("full", "fc"):
+            swept = load_eval_recipe(path, ["optim.sweep=true", f"mode={mode}"])
+            assert swept.lrs == (quarter if frames32 else paper)[mode]
+    assert paper == TABLE_12_LRS
+    for name in ("ucf101", "hmdb51"):  # the 32-frame recipes are the 8-frame ones but for Appendix B
+        eight, thirty_two = (
+            _flat(load_eval_recipe(ROOT / "recipes" / "eval" / f"{n}.yaml").model_dump())
+            for n in (name, f"{name}-32f")
+        )
+        assert eight.keys() == thirty_two.keys()
+        # run.out: a table apart (the two recipes would refuse each other's run folders)
+        changed = {"name", "data.clip_frames", "optim.batch_size", "optim.lr", "optim.lr_factor", "run.out"}
+        assert {k for k, v in eight.items() if thirty_two[k] != v} == changed
+
+
+def _flat(doc: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in doc.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_lr_factor_scales_table_12_only() -> None:
+    base = "name: t\ndataset: ucf101\nmode: fc\ndata: {shards: s}\noptim: {sweep: true, lr: 0.004}\n"
+    tenth = parse_eval_recipe(base, overrides=["optim.lr_factor=0.1"])
+    # Table 12's fc grid x 0.1, rounded (0.006 x 0.1 is 0.0006000000000000001 in floats)
+    assert tenth.lrs == (0.0001, 0.0002, 0.0004, 0.0006, 0.0008, 0.001, 0.002, 0.004)
+    explicit = parse_eval_recipe(base, overrides=["optim.lr_factor=0.25", "optim.lrs=[0.01, 0.03]"])
+    assert explicit.lrs == (0.01, 0.03)  # an explicit list is used as written
+    single = parse_eval_recipe(base, overrides=["optim.lr_factor=0.25", "optim.sweep=false"])
+    assert single.lrs == (0.004,)  # so is the single lr
+    # it only chooses which lrs run: a (lr, split) digest holds its lr, so it leaves digests alone
+    extra = {"lr": 0.001, "split": "split1"}
+    assert eval_digest(tenth, extra) == eval_digest(parse_eval_recipe(base), extra)
+    with pytest.raises(ConfigError, match=r"optim\.lr_factor: must be > 0 \(got 0\)"):
+        parse_eval_recipe(base, overrides=["optim.lr_factor=0"])
 
 
 def test_recipe_errors_name_the_field(tmp_path: Path) -> None:
@@ -431,6 +494,8 @@ run: {{out: {out}, keep_checkpoints: 2}}
             synth_shards, tmp_path, "data.splits=[{name: s1, train: [split1-train], test: split1-test}]"
         )
         resolve_splits(explicit, read_dataset(synth_shards))
+        # the lrs of a sweep over Table 12's grid (this run's are explicit) read optim.lr_factor
+        assert load_eval_recipe(ROOT / "recipes" / "eval" / "ucf101-32f.yaml", ["optim.sweep=true"]).lrs
     assert result.exit_code == 0, result.output
     assert "best lr" in result.output and "test accuracy" in result.output
     sections = (er.EvalRecipe, er.SplitSets, er.Data, er.Model, er.Optim, er.Test, er.Run)
@@ -621,3 +686,278 @@ def test_svm_runs_on_audio_shards(esc_shards: Path, tmp_path: Path) -> None:
     assert entry["column"] == "svm" and set(entry["splits"]) == {f"fold{k}" for k in range(1, 6)}
     assert all(s["files"] == 2 and s["c"] in (0.1, 1.0) for s in entry["svm"].values())
     assert "| ESC50 svm |" in (tmp_path / "results.md").read_text()
+
+
+# --- multi-label sets (AudioSet) -----------------------------------------------------------------
+
+AUDIOSET_CLASSES = 527
+AUDIOSET_TEST_CLIPS = 4  # per test video (the protocol's 10 costs seconds here and tests nothing more)
+# real clips with audio (the AudioSet kind requires it), linked under real rows' YouTube ids
+AUDIOSET_CLIPS = {
+    "balanced_train": ("big_buck_bunny_small.mp4", "mpeg4_mp3_stereo.avi", "realshort.mp4"),
+    "eval": ("fire2.mp4", "big_buck_bunny_432_433.webm", "realshort.mp4"),
+}
+
+
+def _audioset_rows(csv_path: Path, count: int) -> tuple[list[str], list[tuple[str, str, float, float]]]:
+    """The csv's 3 comment lines and its first `count` rows with an integer span and several classes, one
+    of them Speech or Music (so train and test share classes), read with the csv module: (line, id,
+    start, end)."""
+    lines = csv_path.read_text().splitlines()
+    rows = []
+    for line in lines[3:]:
+        ytid, start, end, labels = next(csv.reader([line], skipinitialspace=True))
+        mids = labels.split(",")
+        whole = float(start).is_integer() and float(end).is_integer()
+        if whole and len(mids) >= 2 and {"/m/09x0r", "/m/04rlf"} & set(mids):
+            rows.append((line, ytid, float(start), float(end)))
+        if len(rows) == count:
+            return lines[:3], rows
+    raise AssertionError(f"{csv_path}: fewer than {count} rows fit")
+
+
+@pytest.fixture(scope="module")
+def audioset(tmp_path_factory, media_dir: Path, splits_dir: Path) -> dict:
+    """Sets balanced_train (3 videos) and eval (3) of real AudioSet rows, sharded together by the real
+    planner and writer. (`xdctools shard` writes one csv's set per folder: the two plans are merged.)"""
+    base = tmp_path_factory.mktemp("audioset")
+    index = splits_dir / "audioset" / "class_labels_indices.csv"
+    with index.open(newline="") as f:
+        mid_index = {row["mid"]: int(row["index"]) for row in csv.DictReader(f)}
+    plans, expected = [], {}
+    for set_name, clips in AUDIOSET_CLIPS.items():
+        comments, rows = _audioset_rows(splits_dir / "audioset" / f"{set_name}_segments.csv", len(clips))
+        folder = base / set_name
+        (folder / "meta").mkdir(parents=True)
+        (folder / "meta" / f"{set_name}_segments.csv").write_text(
+            "\n".join([*comments, *(r[0] for r in rows)])
+        )
+        (folder / "meta" / "class_labels_indices.csv").symlink_to(index)
+        (folder / "downloads").mkdir()
+        for (line, ytid, start, end), clip in zip(rows, clips, strict=True):
+            name = f"{ytid}_{start:06.0f}_{end:06.0f}{Path(clip).suffix}"  # already trimmed
+            (folder / "downloads" / name).symlink_to(media_dir / "edge" / clip)
+            mids = next(csv.reader([line], skipinitialspace=True))[3].split(",")
+            expected[ytid] = sorted(mid_index[m] for m in mids)
+        plans.append(build_plan(folder / "downloads", csv=folder / "meta" / f"{set_name}_segments.csv"))
+    train, test = plans
+    plan = dataclasses.replace(train, sets={**train.sets, **test.sets}, missing=train.missing + test.missing)
+    root = base / "shards"
+    run_shard(shuffle_plan(plan, 0), ShardParams(short_side=48), root, shard_size=2, workers=2)
+    return {"root": root, "classes": expected}
+
+
+def _true_classes(audioset: dict, shards) -> dict[int, list[int]]:
+    """Video index -> its class indices, from the csv rows (by the YouTube id in the file name)."""
+    return {v: audioset["classes"][name.rsplit("_", 2)[0]] for v, name in video_names(shards).items()}
+
+
+def _audioset_recipe(audioset: dict, out: Path, path: Path) -> Path:
+    """1 epoch of 2 steps of 4 clips at width 0.125 and crop 32, the explicit split balanced_train -> eval."""
+    path.write_text(f"""
+name: as
+dataset: audioset
+mode: full
+data: {{shards: {audioset["root"]}, modality: video, split_layout: train-test, clip_frames: 4, crop: 32,
+        num_threads: 2, splits: [{{name: main, train: [balanced_train], test: eval}}]}}
+model: {{width: 0.125}}
+optim: {{epoch_size: 8, batch_size: 4, lr: 0.05, warmup_epochs: 0, step_epochs: 1, total_epochs: 1}}
+test: {{num_clips: {AUDIOSET_TEST_CLIPS}, batch_size: 4}}
+run: {{out: {out}}}
+""")
+    return path
+
+
+def test_multi_label_targets_are_each_videos_class_list_and_the_loss_is_bce(audioset: dict) -> None:
+    assert read_dataset(audioset["root"])["multi_label"] is True
+    shards = open_sets(audioset["root"], ["balanced_train"], video=True)
+    targets = MultiHot(multi_label_catalog(audioset["root"], "balanced_train", 527, video=True), 527)
+    truth = _true_classes(audioset, shards)
+    loader = train_loader(
+        shards, batch_size=4, epoch_size=8, clip=ClipSpec(4, crop=32), run=Runtime(num_threads=2)
+    )
+    seen = set()
+    for batch in loader:  # each clip's row is its own video's list, whatever the mix of videos in a batch
+        y = targets(batch["index"])
+        assert y.shape == (4, AUDIOSET_CLASSES) and y.dtype == torch.float32
+        for row, video in zip(y, batch["index"].tolist(), strict=True):
+            assert torch.nonzero(row).flatten().tolist() == truth[video]
+            seen.add(video)
+        assert (batch["label"] == -1).all()  # no single class in the samples
+    assert len(seen) >= 2
+    # binary cross-entropy with logits, the mean over clips and classes, as written out by hand
+    logits = torch.randn(4, AUDIOSET_CLASSES, generator=torch.Generator().manual_seed(0))
+    loss, correct = batch_loss(logits, batch, targets)
+    p = torch.sigmoid(logits)
+    by_hand = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
+    assert int(correct) == 0
+    single = {"label": torch.tensor([0, 3, 3, 1])}  # the single-label path: softmax cross-entropy
+    loss, correct = batch_loss(logits, single)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, single["label"]))
+    assert int(correct) == int((logits.argmax(1) == single["label"]).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class ByHand:
+    """A multi-label test redone here: per test video (ascending) its clips' mean sigmoid and classes."""
+
+    videos: list[int]
+    probs: np.ndarray  # (V, C)
+    truth: dict[int, list[int]]
+
+    @property
+    def map(self) -> float:
+        targets = np.zeros_like(self.probs)
+        for i, v in enumerate(self.videos):
+            targets[i, self.truth[v]] = 1
+        return mean_average_precision(self.probs, targets)
+
+
+def _test_by_hand(audioset: dict, folder: Path) -> ByHand:
+    """The last epoch's weights on every test clip, a sigmoid per clip (eval mode: BatchNorm does not
+    mix the clips of a batch), the plain mean over a video's clips."""
+    state = load_checkpoint(latest_checkpoint(folder))
+    model = make_classifier(r2plus1d_18(width=0.125), AUDIOSET_CLASSES, "full")
+    model.encoder.load_state_dict(state["encoder"])
+    model.head.load_state_dict(state["head"])
+    model.eval()
+    test = open_sets(audioset["root"], ["eval"], video=True)
+    clips: dict[int, list[np.ndarray]] = {}
+    spec = ClipSpec(4, crop=32)
+    loader = eval_loader(
+        test, batch_size=4, num_clips=AUDIOSET_TEST_CLIPS, clip=spec, run=Runtime(num_threads=2)
+    )
+    with torch.no_grad():
+        for batch in loader:
+            probs = torch.sigmoid(model(batch["video"])).numpy()
+            for video, clip_probs in zip(batch["index"].tolist(), probs, strict=True):
+                clips.setdefault(video, []).append(clip_probs)
+    videos = sorted(clips)
+    assert [len(clips[v]) for v in videos] == [AUDIOSET_TEST_CLIPS] * len(videos)
+    probs = np.stack([np.mean(clips[v], axis=0) for v in videos])
+    return ByHand(videos, probs, _true_classes(audioset, test))
+
+
+def test_multi_label_finetune_scores_map_and_resumes(audioset: dict, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    path = _audioset_recipe(audioset, out, tmp_path / "as.yaml")
+    runner = CliRunner()
+    result = runner.invoke(finetune, [str(path)])
+    assert result.exit_code == 0, result.output
+    folder = out / "audioset-video" / "scratch" / "full" / "lr0.05" / "main"
+    (epoch,) = [r for r in read_metrics(folder) if r["event"] == "epoch"]
+    # BCE over 527 sigmoids of near-zero logits is about log 2 (softmax CE would be log 527 = 6.3)
+    assert math.isfinite(epoch["train_loss"]) and abs(epoch["train_loss"] - math.log(2)) < 0.05
+    assert "train_acc" not in epoch
+    done = json.loads((folder / "result.json").read_text())
+    assert "accuracy" not in done and "correct" not in done and done["videos"] == 3
+
+    hand = _test_by_hand(audioset, folder)
+    assert done["map"] == pytest.approx(hand.map, abs=1e-6)
+    assert done["extra"]["map_classes"] == len({c for v in hand.videos for c in hand.truth[v]})
+
+    # predictions.csv: each video's true classes and its 5 best-scored classes
+    classes = read_dataset(audioset["root"])["classes"]
+    with (folder / "predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["video"]) for r in rows] == hand.videos
+    for row, p in zip(rows, hand.probs, strict=True):
+        assert row["labels"].split("; ") == [classes[c] for c in hand.truth[int(row["video"])]]
+        best = np.argsort(-p)[:5]
+        assert [row[f"top{k}"] for k in range(1, 6)] == [classes[c] for c in best]
+        assert [float(row[f"score{k}"]) for k in range(1, 6)] == pytest.approx(p[best], abs=1e-4)
+
+    # the table says mAP, never accuracy
+    (entry,) = read_results(out)
+    assert "accuracy" not in entry and entry["map"] == done["map"]
+    assert entry["splits"] == {"main": done["map"]}
+    assert f"| Scratch | None | mAP {done['map']:.3f} |" in (out / "results.md").read_text()
+    assert f"mAP {done['map']:.4f} mean over 1 split(s)" in result.output
+
+    # a rerun skips the finished pair; a lost result resumes from the last epoch and scores the same
+    result = runner.invoke(finetune, [str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"main lr 0.05: done before (mAP {done['map']:.3f}), skipped" in result.output
+    (folder / "result.json").unlink()
+    result = runner.invoke(finetune, [str(path)])
+    assert result.exit_code == 0 and "main lr 0.05: resuming after epoch 1" in result.output, result.output
+    assert json.loads((folder / "result.json").read_text())["map"] == done["map"]
+
+
+def test_multi_label_finetune_on_two_ranks_gathers_every_video(audioset: dict, tmp_path: Path) -> None:
+    """2 gloo ranks: each trains on its clips and tests on its share of the test segments; the clip rows
+    are gathered before the per-video mean, so the mAP is the one of all videos, as one process finds it."""
+    out = tmp_path / "ddp"
+    path = _audioset_recipe(audioset, out, tmp_path / "as.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "xdctools", "finetune", str(path)]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    folder = out / "audioset-video" / "scratch" / "full" / "lr0.05" / "main"
+    (schedule,) = [r for r in read_metrics(folder) if r["event"] == "schedule"]
+    assert (schedule["world_size"], schedule["global_batch"], schedule["lr"]) == (2, 8, 0.1)
+    done = json.loads((folder / "result.json").read_text())
+    assert done["videos"] == 3 and done["map"] == pytest.approx(_test_by_hand(audioset, folder).map, abs=1e-6)
+    assert len((folder / "predictions.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_multi_label_sweep_picks_the_best_mean_map(tmp_path: Path) -> None:
+    recipe = parse_eval_recipe(
+        "name: a\ndataset: audioset\nmode: fc\noptim: {lr: 0.1, epoch_size: 64}\n"
+        "data: {shards: s, modality: audio, split_layout: train-test, splits: [1, 2]}"
+    )
+    # lr 0.01 wins split 1 but 0.02 has the better mean: the mean over the splits decides
+    maps = {(0.01, "split1"): 0.40, (0.01, "split2"): 0.10, (0.02, "split1"): 0.30, (0.02, "split2"): 0.30}
+    done = [
+        SplitResult(split, lr, None, 20, None, 8, 0.1, 1.0, "d", map=value)
+        for (lr, split), value in maps.items()
+    ]
+    assert done[0].to_json().keys() >= {"map"} and not done[0].to_json().keys() & {"accuracy", "correct"}
+    assert SplitResult.from_json(done[0].to_json()) == done[0]
+    entry = summarise_sweep(recipe, EncoderSource("scratch"), done, ["split1", "split2"])
+    assert entry["best_lr"] == 0.02 and entry["map"] == pytest.approx(0.30) and "accuracy" not in entry
+    assert [row["mean"] for row in entry["sweep"]] == [pytest.approx(0.25), pytest.approx(0.30)]
+    merge_entry(tmp_path, entry)
+    ucf = parse_eval_recipe(
+        "name: u\ndataset: ucf101\nmode: fc\ndata: {shards: s, splits: [1]}\noptim: {lr: 0.1}"
+    )
+    merge_entry(tmp_path, summarise_sweep(ucf, EncoderSource("scratch"), [_done(0.6)], ["split1"]))
+    md = (tmp_path / "results.md").read_text()
+    assert "| Scratch | None | 60.0† | mAP 0.300 |" in md  # accuracy in %, mAP as a fraction, each labelled
+    assert "| **lr 0.02** | 0.300 | 0.300 | **0.300** |" in md and "AUDIOSET audio fc (mAP)" in md
+
+
+def test_multi_label_refusals_are_one_line(audioset: dict, tmp_path: Path, monkeypatch) -> None:
+    path = _audioset_recipe(audioset, tmp_path / "out", tmp_path / "as.yaml")
+    runner = CliRunner()
+    result = runner.invoke(finetune, [str(path), "--svm"])
+    assert result.exit_code == ConfigError.exit_code and result.output.count("\n") == 1
+    assert "dataset.json: multi_label: mode svm is not supported on a multi-label set" in result.output
+    both = path.read_text().replace("train: [balanced_train]", "train: [balanced_train, eval]")
+    (tmp_path / "both.yaml").write_text(both)
+    result = runner.invoke(finetune, [str(tmp_path / "both.yaml")])
+    assert result.exit_code == DataError.exit_code and result.output.count("\n") == 1
+    assert (
+        "split main trains on 2 sets (balanced_train, eval); a multi-label split trains on one"
+        in result.output
+    )
+    with pytest.raises(DataError, match="split s trains on 2 sets"):
+        check_multi_label_splits([Split("s", ("a", "b"), "c")], "dataset.json")
+
+    # a video with an empty class list: the catalog as read, with the first video's list taken away
+    real = read_catalog(open_sets(audioset["root"], ["balanced_train"], video=True))
+    offsets, values = real.label_offsets, real.label_values
+    first = int(offsets[1])
+    emptied = dataclasses.replace(
+        real, label_offsets=np.r_[0, offsets[1:] - first], label_values=values[first:]
+    )
+    assert empty_label_lists(emptied).tolist() == [int(real.videos[0])] and not len(empty_label_lists(real))
+    monkeypatch.setattr("trainer.finetune.read_catalog", lambda shards: emptied)
+    name = video_names(open_sets(audioset["root"], ["balanced_train"], video=True))[int(real.videos[0])]
+    result = runner.invoke(finetune, [str(path)])
+    assert result.exit_code == DataError.exit_code and result.output.count("\n") == 1, result.output
+    video = int(real.videos[0])
+    message = f"set balanced_train: 1 of 3 videos have an empty label list (first: video {video} {name!r})"
+    assert f"{audioset['root']}: {message}" in result.output

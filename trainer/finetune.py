@@ -18,12 +18,20 @@ Protocol, as the paper fixes it and as this module implements it:
   (UCF101/HMDB51: 3 splits; ESC-50: 5 folds, each tested after training on the 4 others).
 - Audio-only sets (ESC-50): a "clip" is one 2-s mel window; the windows are spread uniformly over the
   file (each inside it when the file is longer than 2 s) and training draws one at random.
+- Multi-label sets (AudioSet; dataset.json `multi_label: true`): a clip's targets are its video's
+  multi-hot row, looked up by the batch's video index through the train set's catalog (as the
+  pretraining loop looks up pseudo-labels), and the loss is binary cross-entropy on the logits
+  (sigmoid), averaged over the batch and the classes (see `batch_loss`). A video's test score is the
+  mean of its clips' SIGMOID probabilities; a split reports mAP (`trainer.metrics`: macro over the
+  classes with a positive among the test videos), no accuracy, and the sweep picks the lr by mean mAP.
 
 Files under `<run.out>/<dataset>/<method>/<mode>/`:
   lr<lr>/<split>/checkpoints/it000-ep<e>.pt   after every epoch (resume point; pruned when the split ends)
   lr<lr>/<split>/metrics.jsonl                epoch and test records (trainer.log)
   lr<lr>/<split>/predictions.csv              per test video: name, label, prediction, confidence
-  lr<lr>/<split>/result.json                  the split's accuracy: its presence marks the split done
+                                              (multi-label: name, its classes, top classes and scores)
+  lr<lr>/<split>/result.json                  the split's accuracy (multi-label: `map`): its presence
+                                              marks the split done
   sweep.json, recipe.yaml                     every lr and split of this run, the resolved recipe
 and `<run.out>/results.{json,md}`, the table every run merges its rows into (`trainer.results`).
 A rerun skips finished (lr, split) pairs and resumes an unfinished one from its last epoch; all of
@@ -46,7 +54,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,8 +82,9 @@ from trainer.data import (
     train_loader,
     warn_if_name_ordered,
 )
-from trainer.extract import read_catalog
+from trainer.extract import Catalog, read_catalog
 from trainer.log import RunLogger
+from trainer.metrics import mean_average_precision
 from trainer.models import (
     Classifier,
     LinearHead,
@@ -102,6 +111,7 @@ Progress = Callable[[str], None]
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.csv"
 SWEEP_FILE = "sweep.json"
+TOP_CLASSES = 5  # multi-label predictions.csv: the best-scored classes listed per video
 OFFICIAL_XDC_BN_EPS = 1e-3  # the released weights were converted from Caffe2, which used eps 1e-3
 
 
@@ -263,6 +273,44 @@ def check_labels(root: str | os.PathLike, set_names: Iterable[str], num_classes:
     return total
 
 
+def is_multi_label(doc: Mapping[str, Any]) -> bool:
+    """Whether dataset.json says its videos carry class lists (AudioSet) rather than one class each."""
+    return doc.get("multi_label") is True
+
+
+def multi_label_catalog(root: str | os.PathLike, name: str, num_classes: int, *, video: bool) -> Catalog:
+    """One set of a multi-label dataset: its catalog (the class lists by video), checked.
+
+    DataError when its samples carry no class lists, when a video's list is empty (naming the first such
+    video: it would train as a clip of no class and leave the test without its positives) or when a
+    class index is outside the dataset's classes.
+    """
+    shards = find_shards(root, name, video=video)
+    catalog = read_catalog(shards)
+    where = f"{root}: set {name}"
+    if not catalog.multi_label or catalog.label_values is None:
+        raise DataError(f"{where}: dataset.json says multi_label, but its samples carry no labels.npy")
+    empty = empty_label_lists(catalog)
+    if len(empty):
+        first = int(empty[0])
+        source = video_names(shards).get(first, "")
+        raise DataError(
+            f"{where}: {len(empty)} of {catalog.num_videos} videos have an empty label list "
+            f"(first: video {first} {source!r})"
+        )
+    top = int(catalog.label_values.max())
+    if top >= num_classes:
+        raise DataError(f"{where}: class index {top}, but dataset.json lists {num_classes} classes")
+    return catalog
+
+
+def empty_label_lists(catalog: Catalog) -> np.ndarray:
+    """Video indices of a multi-label catalog whose class list is empty (ascending)."""
+    if catalog.label_offsets is None:
+        return np.zeros(0, np.int64)
+    return catalog.videos[np.diff(catalog.label_offsets) == 0]
+
+
 # --- encoders: from a checkpoint or from scratch ---------------------------------------------------
 
 
@@ -376,6 +424,17 @@ class VideoScores:
     accuracy: float
 
 
+@dataclass(frozen=True)
+class MultiLabelScores:
+    """Per test video of a multi-label set: the mean of its clips' sigmoid, its classes, and the mAP."""
+
+    videos: np.ndarray  # (V,) int64 ascending
+    targets: np.ndarray  # (V, C) float32 multi-hot: the video's classes
+    probs: np.ndarray  # (V, C) float32: mean over the video's clips of sigmoid(logits)
+    map: float  # macro mean of the per-class APs over the classes with a positive
+    classes_scored: int  # how many classes have a positive (the mAP is their mean)
+
+
 @torch.no_grad()
 def forward_clips(
     forward: Callable[[torch.Tensor], torch.Tensor],
@@ -417,11 +476,13 @@ def clip_probabilities(
     modality: str,
     device: torch.device,
     precision: str = "fp32",
+    multi_label: bool = False,
 ) -> ClipRows:
-    """Softmax over classes of every clip the loader yields (the model in eval mode; caller sets it)."""
+    """Softmax over classes of every clip the loader yields (the model in eval mode; caller sets it);
+    with `multi_label` each class's sigmoid instead (the classes are independent yes/no questions)."""
     rows = forward_clips(
         model,
-        lambda logits: F.softmax(logits.float(), dim=1),
+        clip_activation(multi_label),
         loader,
         modality=modality,
         device=device,
@@ -431,6 +492,13 @@ def clip_probabilities(
         return ClipRows(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros((0, 0), np.float32))
     probs, index, clip, label = rows
     return ClipRows(index, clip, label, probs)
+
+
+def clip_activation(multi_label: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits -> the probabilities averaged per video: softmax over classes, or per-class sigmoid."""
+    if multi_label:
+        return lambda logits: torch.sigmoid(logits.float())
+    return lambda logits: F.softmax(logits.float(), dim=1)
 
 
 def gather_clip_rows(rows: ClipRows, num_classes: int) -> ClipRows:
@@ -448,6 +516,17 @@ def gather_clip_rows(rows: ClipRows, num_classes: int) -> ClipRows:
 
 def video_scores(rows: ClipRows, num_clips: int, *, source: str = "test set") -> VideoScores:
     """Average clip softmax per video; DataError when a video does not have exactly `num_clips` clips."""
+    order, videos, probs = video_means(rows, num_clips, source=source)
+    labels = rows.label[order][::num_clips]
+    if not np.array_equal(np.repeat(labels, num_clips), rows.label[order]):
+        raise DataError(f"{source}: the clips of a video carry different labels")
+    predicted = probs.argmax(axis=1).astype(np.int64)
+    return VideoScores(videos, labels, probs, predicted, float((predicted == labels).mean()))
+
+
+def video_means(rows: ClipRows, num_clips: int, *, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row order by video then clip, videos ascending, mean clip probabilities per video), after checking
+    that every video has clips 0..num_clips-1 exactly once; DataError naming the first that does not."""
     if len(rows.index) == 0:
         raise DataError(f"{source}: the test loader yielded no clips")
     order = np.lexsort((rows.clip, rows.index))
@@ -462,33 +541,58 @@ def video_scores(rows: ClipRows, num_clips: int, *, source: str = "test set") ->
     if not np.array_equal(clip, expected):
         raise DataError(f"{source}: clip ids of a video are not 0..{num_clips - 1} exactly once")
     _, probs = sampling.mean_per_video(rows.probs, rows.index)
-    labels = rows.label[order][::num_clips]
-    if not np.array_equal(np.repeat(labels, num_clips), rows.label[order]):
-        raise DataError(f"{source}: the clips of a video carry different labels")
-    predicted = probs.argmax(axis=1).astype(np.int64)
-    return VideoScores(videos, labels, probs, predicted, float((predicted == labels).mean()))
+    return order, videos, probs
+
+
+def multi_label_scores(
+    rows: ClipRows, num_clips: int, catalog: Catalog, num_classes: int, *, source: str = "test set"
+) -> MultiLabelScores:
+    """Average clip sigmoid per video, score it against the videos' class lists (from the test set's
+    catalog) by mAP over the classes with a positive; DataError as `video_means`."""
+    _, videos, probs = video_means(rows, num_clips, source=source)
+    targets = catalog.multi_hot(catalog.rows_of(videos), num_classes)
+    try:
+        score = mean_average_precision(probs, targets)
+    except ValueError as e:  # no test video has a class
+        raise DataError(f"{source}: {e}") from None
+    return MultiLabelScores(videos, targets, probs, score, int((targets.sum(axis=0) > 0).sum()))
 
 
 # --- one (lr, split): train, test, record ------------------------------------------------------
 
 
+SCORE_FIELDS = ("accuracy", "correct", "map")  # result.json holds the ones its set has
+
+
 @dataclass
 class SplitResult:
-    """A finished (lr, split): what result.json holds."""
+    """A finished (lr, split): what result.json holds. A multi-label set's has `map`, no accuracy."""
 
     split: str
     lr: float
-    accuracy: float  # 0..1, over the test videos
+    accuracy: float | None  # 0..1, over the test videos; None on a multi-label set
     videos: int
-    correct: int
+    correct: int | None
     epochs: int
     train_loss: float | None
     seconds: float
     digest: str
     extra: dict[str, Any] = field(default_factory=dict)
+    map: float | None = None  # multi-label sets: mAP over the classes with a positive among the videos
+
+    @property
+    def score(self) -> float:
+        """What the lr sweep compares: the mAP of a multi-label set, else the accuracy."""
+        return self.map if self.map is not None else float(self.accuracy)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """Every field but the scores the set does not have (single-label files are as they were)."""
+        doc = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: v for k, v in doc.items() if not (k in SCORE_FIELDS and v is None)}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> SplitResult:
+        return cls(**{"accuracy": None, "correct": None, **doc})
 
 
 def lr_dirname(lr: float) -> str:
@@ -515,6 +619,33 @@ class _Context:
     classes: list[str]
     source: EncoderSource
     progress: Progress
+    multi_label: bool = False
+
+
+@dataclass(frozen=True)
+class MultiHot:
+    """Training targets of a multi-label set: the multi-hot rows of a batch's videos, found by their
+    video indices in the train set's catalog (`Catalog.rows_of`, the pretraining loop's lookup: a batch
+    holds clips of several videos, and DALI gives each clip its video index, not its class list)."""
+
+    catalog: Catalog
+    num_classes: int
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        rows = self.catalog.rows_of(index.cpu().numpy().reshape(-1))
+        return torch.from_numpy(self.catalog.multi_hot(rows, self.num_classes))
+
+
+def check_multi_label_splits(splits: Iterable[Split], source: str) -> None:
+    """DataError when a multi-label split trains on several sets: video indices count from 0 in every
+    set and a batch does not say which set a clip came from, so its class list could not be found."""
+    for split in splits:
+        if len(split.train) != 1:
+            raise DataError(
+                f"{source}: split {split.name} trains on {len(split.train)} sets ({', '.join(split.train)}); "
+                "a multi-label split trains on one (its labels are looked up by video index, which counts "
+                "from 0 in every set)"
+            )
 
 
 def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
@@ -537,7 +668,8 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
     )
     done = _finished(folder, digest)
     if done is not None:
-        ctx.progress(f"{split.name} lr {lr:g}: done before ({100 * done.accuracy:.1f}%), skipped")
+        score = f"mAP {done.map:.3f}" if done.map is not None else f"{100 * done.score:.1f}%"
+        ctx.progress(f"{split.name} lr {lr:g}: done before ({score}), skipped")
         return done
     started = time.time()
     root = recipe.data.shards
@@ -549,8 +681,16 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
     if is_audio_only(test_shards) != audio_only:
         raise DataError(f"{root}: sets {split.train} and {split.test} differ in having video")
     video = recipe.data.modality == "video"
-    check_labels(root, split.train, len(ctx.classes), video=video)
-    test_videos = check_labels(root, [split.test], len(ctx.classes), video=video)
+    targets, test_catalog = None, None
+    if ctx.multi_label:  # one train set: check_multi_label_splits
+        targets = MultiHot(
+            multi_label_catalog(root, split.train[0], len(ctx.classes), video=video), len(ctx.classes)
+        )
+        test_catalog = multi_label_catalog(root, split.test, len(ctx.classes), video=video)
+        test_videos = test_catalog.num_videos
+    else:
+        check_labels(root, split.train, len(ctx.classes), video=video)
+        test_videos = check_labels(root, [split.test], len(ctx.classes), video=video)
     spec = clip_spec(recipe, audio_only)
 
     # model: encoder from the checkpoint (or random), a fresh linear head; SGD on what may learn
@@ -600,21 +740,24 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
                 modality=recipe.data.modality,
                 precision=recipe.model.precision,
                 step=trained,
+                targets=targets,
             )
             del loader
             distributed.broadcast_buffers_(model)  # rank 0's BatchNorm statistics: the test is sharded
+            accuracy = {} if train_acc is None else {"train_acc": train_acc}  # no single class to hit
             logger.log(
                 "epoch",
                 scheduler.steps,
                 epoch=epoch + 1,
                 lr=scheduler.lr,
                 train_loss=train_loss,
-                train_acc=train_acc,
+                **accuracy,
                 seconds=seconds,
             )
+            shown = "" if train_acc is None else f"acc {100 * train_acc:.1f}% "
             ctx.progress(
                 f"{split.name} lr {lr:g}: epoch {epoch + 1}/{o.total_epochs} loss {train_loss:.4f} "
-                f"acc {100 * train_acc:.1f}% ({seconds:.0f} s)"
+                f"{shown}({seconds:.0f} s)"
             )
             if dist.is_main:
                 state = {
@@ -630,7 +773,7 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
                 save_checkpoint(checkpoint_path(folder, 0, epoch + 1), state, digest=digest)
             distributed.barrier()
 
-        # test: every clip of every test video, softmax averaged per video
+        # test: every clip of every test video, softmax (multi-label: sigmoid) averaged per video
         set_mode(model, recipe.mode, training=False)
         test = eval_loader(
             test_shards,
@@ -640,11 +783,23 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
             run=_runtime(recipe, dist, seed=recipe.seed),
         )
         rows = clip_probabilities(
-            model, test, modality=recipe.data.modality, device=dist.device, precision=recipe.model.precision
+            model,
+            test,
+            modality=recipe.data.modality,
+            device=dist.device,
+            precision=recipe.model.precision,
+            multi_label=ctx.multi_label,
         )
         del test
         rows = gather_clip_rows(rows, len(ctx.classes))
-        scores = video_scores(rows, recipe.test.num_clips, source=f"{root} set {split.test}")
+        source = f"{root} set {split.test}"
+        scores: VideoScores | MultiLabelScores
+        if test_catalog is not None:
+            scores = multi_label_scores(
+                rows, recipe.test.num_clips, test_catalog, len(ctx.classes), source=source
+            )
+        else:
+            scores = video_scores(rows, recipe.test.num_clips, source=source)
         if len(scores.videos) != test_videos:
             raise DataError(
                 f"{root}: set {split.test} has {test_videos} videos, the test saw {len(scores.videos)}"
@@ -652,9 +807,7 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
         result = SplitResult(
             split=split.name,
             lr=float(lr),
-            accuracy=scores.accuracy,
             videos=len(scores.videos),
-            correct=int((scores.predicted == scores.labels).sum()),
             epochs=o.total_epochs,
             train_loss=train_loss,
             seconds=round(time.time() - started, 1),
@@ -663,24 +816,48 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
                 "train_sets": list(split.train),
                 "test_set": split.test,
                 "num_clips": recipe.test.num_clips,
+                **score_extra(scores),
             },
+            **score_fields(scores),
         )
-        logger.log("test", scheduler.steps, split=split.name, accuracy=scores.accuracy, videos=result.videos)
+        logger.log("test", scheduler.steps, split=split.name, **score_record(scores), videos=result.videos)
     finally:
         logger.close()
     if dist.is_main:
         names = video_names(test_shards)
-        write_bytes_atomic(folder / PREDICTIONS_FILE, _predictions_csv(scores, names, ctx.classes))
+        write_bytes_atomic(folder / PREDICTIONS_FILE, predictions_csv(scores, names, ctx.classes))
         write_bytes_atomic(folder / RESULT_FILE, (json.dumps(result.to_json(), indent=1) + "\n").encode())
         prune_checkpoints(folder, keep_last=recipe.run.keep_checkpoints)
         if recipe.run.keep_checkpoints == 0:
             for _, _, path in list_checkpoints(folder):
                 path.unlink(missing_ok=True)
     distributed.barrier()
-    ctx.progress(
-        f"{split.name} lr {lr:g}: test accuracy {100 * result.accuracy:.2f}% ({result.videos} videos)"
-    )
+    if result.map is not None:
+        classes = result.extra["map_classes"]
+        tested = f"test mAP {result.map:.4f} ({result.videos} videos, mean over {classes} classes)"
+    else:
+        tested = f"test accuracy {100 * result.score:.2f}% ({result.videos} videos)"
+    ctx.progress(f"{split.name} lr {lr:g}: {tested}")
     return result
+
+
+def score_fields(scores: VideoScores | MultiLabelScores) -> dict[str, Any]:
+    """The SplitResult fields of a test: its accuracy and correct videos, or its mAP."""
+    if isinstance(scores, MultiLabelScores):
+        return {"accuracy": None, "correct": None, "map": scores.map}
+    return {"accuracy": scores.accuracy, "correct": int((scores.predicted == scores.labels).sum())}
+
+
+def score_extra(scores: VideoScores | MultiLabelScores) -> dict[str, Any]:
+    """What result.json adds about a multi-label test: over how many classes the mAP is the mean."""
+    return {"map_classes": scores.classes_scored} if isinstance(scores, MultiLabelScores) else {}
+
+
+def score_record(scores: VideoScores | MultiLabelScores) -> dict[str, Any]:
+    """The score fields of the metrics.jsonl test record."""
+    if isinstance(scores, MultiLabelScores):
+        return {"map": scores.map, "map_classes": scores.classes_scored}
+    return {"accuracy": scores.accuracy}
 
 
 def _finished(folder: Path, digest: str) -> SplitResult | None:
@@ -689,7 +866,7 @@ def _finished(folder: Path, digest: str) -> SplitResult | None:
         return None
     try:
         doc = json.loads(path.read_text())
-        result = SplitResult(**doc)
+        result = SplitResult.from_json(doc)
     except (OSError, ValueError, TypeError) as e:
         raise DataError(f"{path}: unreadable ({e}); remove it to redo this split") from None
     if result.digest != digest:
@@ -780,11 +957,13 @@ def train_epoch(
     modality: str,
     precision: str = "fp32",
     step: nn.Module | None = None,
-) -> tuple[float, float, float]:
-    """One epoch of cross-entropy on the true labels; (mean loss, accuracy, seconds) over all ranks.
+    targets: MultiHot | None = None,
+) -> tuple[float, float | None, float]:
+    """One epoch on the true labels; (mean loss, accuracy, seconds) over all ranks (see `batch_loss`).
 
     `step` is the module called (the DDP wrapper of `model` under torchrun; `model` itself by default).
     With mode fc the encoder runs in eval mode: BatchNorm uses and keeps its running statistics.
+    `targets` (a multi-label set) gives each batch's multi-hot rows; the accuracy is then None.
     """
     started = time.time()
     device = next(model.head.parameters()).device
@@ -793,27 +972,75 @@ def train_epoch(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, clips
     for batch in loader:
         x = batch[modality].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
         with autocast(device, precision):  # type: ignore[arg-type]
             logits = step(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss, correct = batch_loss(logits, batch, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            correct = (logits.argmax(1) == y).sum()
             sums += torch.stack(
                 [
-                    loss.detach().double() * len(y),
+                    loss.detach().double() * len(logits),
                     correct.double(),
-                    torch.tensor(len(y), device=device).double(),
+                    torch.tensor(len(logits), device=device).double(),
                 ]
             )
     loss_sum, correct, clips = distributed.all_reduce_sum(sums.cpu().numpy())
     if not math.isfinite(loss_sum):
         raise DataError(f"training diverged (loss {loss_sum / max(clips, 1)}); try a smaller lr")
-    return loss_sum / max(clips, 1.0), correct / max(clips, 1.0), time.time() - started
+    accuracy = None if targets is not None else correct / max(clips, 1.0)
+    return loss_sum / max(clips, 1.0), accuracy, time.time() - started
+
+
+def batch_loss(
+    logits: torch.Tensor, batch: Mapping[str, torch.Tensor], targets: MultiHot | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, clips whose argmax is their class) of one training batch.
+
+    Single-label: softmax cross-entropy against `batch["label"]`, averaged over the clips.
+    Multi-label (`targets`): binary cross-entropy with logits (a sigmoid per class) against the
+    multi-hot rows of the batch's videos, averaged over the clips AND the classes, as the AudioSet
+    systems do (PANNs' clip_bce, AST's BCEWithLogitsLoss: the frameworks' default reduction), so the
+    loss reads as the mean over yes/no questions whatever the number of classes. Under SGD this makes
+    a logit's gradient 1/C of a class-summed loss's: the lr sweep is what adapts to it. The count of
+    correct clips is then 0 (no single class to hit).
+    """
+    device = logits.device
+    if targets is None:
+        y = batch["label"].to(device, non_blocking=True)
+        return F.cross_entropy(logits.float(), y), (logits.detach().argmax(1) == y).sum()
+    y = targets(batch["index"]).to(device, non_blocking=True)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+    return loss, torch.zeros((), dtype=torch.int64, device=device)
+
+
+def predictions_csv(
+    scores: VideoScores | MultiLabelScores, names: Mapping[int, str], classes: list[str]
+) -> bytes:
+    """predictions.csv of a test: a row per video (`_predictions_csv`, `_multi_label_predictions_csv`)."""
+    if isinstance(scores, MultiLabelScores):
+        return _multi_label_predictions_csv(scores, names, classes)
+    return _predictions_csv(scores, names, classes)
+
+
+def _multi_label_predictions_csv(
+    scores: MultiLabelScores, names: Mapping[int, str], classes: list[str], top: int = TOP_CLASSES
+) -> bytes:
+    """Per video: its classes ("; "-joined names, class-index order), then its `top` best-scored classes,
+    best first, each with its mean sigmoid (top1, score1, top2, score2, ...)."""
+    top = min(top, len(classes))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        ["video", "name", "labels", *(f"{c}{k}" for k in range(1, top + 1) for c in ("top", "score"))]
+    )
+    for v, target, probs in zip(scores.videos, scores.targets, scores.probs, strict=True):
+        ranked = np.argsort(-probs, kind="stable")[:top]
+        row = [int(v), names.get(int(v), ""), "; ".join(classes[c] for c in np.flatnonzero(target))]
+        writer.writerow(row + [x for c in ranked for x in (classes[c], f"{probs[c]:.4f}")])
+    return buf.getvalue().encode()
 
 
 def _predictions_csv(scores: VideoScores, names: Mapping[int, str], classes: list[str]) -> bytes:
@@ -848,17 +1075,29 @@ def run_finetune(recipe: EvalRecipe, progress: Progress | None = None) -> dict[s
     if recipe.mode not in ("full", "fc"):
         raise ConfigError(f"mode {recipe.mode!r}: run_finetune trains (full or fc); use trainer.svm for svm")
     progress = progress or (lambda _msg: None)
-    dist, classes, splits = start_run(recipe, needs="finetuning")
+    dist, classes, splits, multi_label = start_run(recipe, needs="finetuning")
+    if multi_label:
+        check_multi_label_splits(splits, f"{recipe.data.shards}/dataset.json")
     _, source = build_encoder(recipe)  # fails early on a checkpoint that does not fit
     write_recipe(recipe, dist)
-    ctx = _Context(recipe, dist, classes, source, progress)
+    ctx = _Context(recipe, dist, classes, source, progress, multi_label)
     done = [finetune_split(ctx, split, lr) for lr in recipe.lrs for split in splits]
     summary = summarise_sweep(recipe, source, done, [s.name for s in splits])
     return finish_run(recipe, dist, SWEEP_FILE, summary)
 
 
-def start_run(recipe: EvalRecipe, *, needs: str) -> tuple[distributed.Dist, list[str], list[Split]]:
-    """What an evaluation run starts from: the process group, the dataset's classes and the splits.
+class RunStart(NamedTuple):
+    """What an evaluation run starts from."""
+
+    dist: distributed.Dist
+    classes: list[str]
+    splits: list[Split]
+    multi_label: bool  # dataset.json `multi_label`: videos carry class lists (AudioSet)
+
+
+def start_run(recipe: EvalRecipe, *, needs: str) -> RunStart:
+    """What an evaluation run starts from: the process group, the dataset's classes, the splits, and
+    whether the dataset is multi-label.
 
     DataError when dataset.json lists fewer than 2 classes (`needs` names what needs the labels).
     """
@@ -869,7 +1108,8 @@ def start_run(recipe: EvalRecipe, *, needs: str) -> tuple[distributed.Dist, list
         raise DataError(
             f"{recipe.data.shards}/dataset.json: lists {len(classes)} classes; {needs} needs labels"
         )
-    return dist, classes, resolve_splits(recipe, doc, f"{recipe.data.shards}/dataset.json")
+    splits = resolve_splits(recipe, doc, f"{recipe.data.shards}/dataset.json")
+    return RunStart(dist, classes, splits, is_multi_label(doc))
 
 
 def write_recipe(recipe: EvalRecipe, dist: distributed.Dist) -> None:
@@ -895,10 +1135,11 @@ def finish_run(
 def summarise_sweep(
     recipe: EvalRecipe, source: EncoderSource, done: list[SplitResult], split_names: list[str]
 ) -> dict[str, Any]:
-    """Per lr: accuracy per split and their mean; the best lr (highest mean; the smaller lr on a tie)."""
+    """Per lr: accuracy (multi-label: mAP) per split and their mean; the best lr (highest mean; the
+    smaller lr on a tie)."""
     by_lr: dict[float, dict[str, float]] = {}
     for r in done:
-        by_lr.setdefault(r.lr, {})[r.split] = r.accuracy
+        by_lr.setdefault(r.lr, {})[r.split] = r.score
     sweep = [
         {
             "lr": lr,
@@ -908,17 +1149,23 @@ def summarise_sweep(
         for lr, accs in sorted(by_lr.items())
     ]
     best = max(sweep, key=lambda row: (row["mean"], -row["lr"]))
-    return entry_record(recipe, source, best["mean"], best["splits"], best_lr=best["lr"], sweep=sweep)
+    metric = "map" if any(r.map is not None for r in done) else "accuracy"
+    return entry_record(
+        recipe, source, best["mean"], best["splits"], metric=metric, best_lr=best["lr"], sweep=sweep
+    )
 
 
 def entry_record(
     recipe: EvalRecipe,
     source: EncoderSource,
-    accuracy: float,
+    score: float,
     splits: Mapping[str, float],
+    *,
+    metric: str = "accuracy",
     **details: Any,
 ) -> dict[str, Any]:
-    """One row cell of the results table, with what produced it (see `trainer.results`)."""
+    """One row cell of the results table, with what produced it (see `trainer.results`); `score` (the
+    mean over `splits`) is filed under `metric`: "accuracy", or "map" for a multi-label set."""
     info = DATASETS.get(recipe.dataset)
     return {
         "method": recipe.model.row,
@@ -926,7 +1173,7 @@ def entry_record(
         "dataset": recipe.table_name,
         "title": recipe.title,
         "column": recipe.column,
-        "accuracy": float(accuracy),
+        metric: float(score),
         "std": float(np.std(list(splits.values()))) if len(splits) > 1 else 0.0,
         "splits": dict(splits),
         "all_splits": info is None or set(splits) >= {_split_name(recipe, s) for s in info.splits},

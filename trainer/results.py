@@ -4,7 +4,9 @@
 dataset, column), where column is "fc" (frozen encoder, linear classifier), "all" (full finetuning) or
 "svm" (DCASE-style linear SVM). An entry holds the accuracy (mean over its splits, 0..1), each split's
 accuracy, the best lr and the whole lr sweep when there was one, and what produced it (checkpoint,
-recipe, run folder, time). `<out>/results.md` is drawn from it:
+recipe, run folder, time). A multi-label set's entry (AudioSet) holds `map` instead of `accuracy`
+(mAP over the classes with a positive, 0..1; its splits and sweep are mAPs too) and its cell reads
+"mAP 0.312", so the two are never mistaken for each other. `<out>/results.md` is drawn from it:
 
     | Method  | Pretraining | UCF101 fc | UCF101 all | HMDB51 fc | HMDB51 all | ESC50 fc | ESC50 all |
     | Scratch | None        | 6.0       | 54.5       | ...
@@ -34,6 +36,14 @@ RESULTS_MD = "results.md"
 LOCK_FILE = ".results.lock"
 KEY = ("method", "pretraining", "dataset", "column")
 COLUMN_ORDER = ("fc", "all", "svm")
+METRICS = ("accuracy", "map")  # an entry holds one of them
+
+
+# under the table's legend when a cell scores a multi-label set
+MAP_NOTE = [
+    "Multi-label sets (AudioSet): mAP, the mean over the classes with a positive among the test videos of",
+    'each class\'s average precision, clip sigmoids averaged per video; shown as "mAP 0.312".',
+]
 
 
 @contextmanager
@@ -64,7 +74,9 @@ def read_results(out: str | os.PathLike) -> list[dict[str, Any]]:
 def merge_entry(out: str | os.PathLike, entry: Mapping[str, Any]) -> tuple[Path, Path]:
     """Add or replace one entry in `<out>/results.{json,md}` under the table lock; returns both paths."""
     folder = Path(out)
-    missing = [k for k in (*KEY, "accuracy", "splits") if k not in entry]
+    missing = [k for k in (*KEY, "splits") if k not in entry]
+    if not any(m in entry for m in METRICS):
+        missing.append(" or ".join(METRICS))
     if missing:
         raise ValueError(f"results entry lacks {missing}")
     with _locked(folder):
@@ -104,6 +116,25 @@ def percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def is_map(entry: Mapping[str, Any]) -> bool:
+    """Whether the entry scores a multi-label set (mAP) rather than accuracy."""
+    return "map" in entry
+
+
+def score_text(entry: Mapping[str, Any], value: float) -> str:
+    """One of the entry's numbers as the table shows it: accuracy in %, mAP as a fraction (0.312, as
+    AudioSet results are given)."""
+    return f"{value:.3f}" if is_map(entry) else percent(value)
+
+
+def cell_text(entry: Mapping[str, Any]) -> str:
+    """The entry's table cell: "61.2" (accuracy %) or "mAP 0.312", † when not every split ran."""
+    mark = "" if entry.get("all_splits", True) else "†"
+    if is_map(entry):
+        return f"mAP {float(entry['map']):.3f}{mark}"
+    return percent(float(entry["accuracy"])) + mark
+
+
 def render_markdown(entries: list[Mapping[str, Any]]) -> str:
     """The table (rows: method + pretraining; columns: dataset × fc/all/svm), then every lr sweep."""
     columns = sorted(
@@ -124,19 +155,13 @@ def render_markdown(entries: list[Mapping[str, Any]]) -> str:
         "audio), softmax averaged per video. fc: frozen encoder, linear classifier; all: full finetuning;",
         "svm: linear SVM on pooled conv5 features. The best lr of a sweep is reported (Table 12).",
         "† not every official split (fold) was evaluated.",
+        *(MAP_NOTE if any(is_map(e) for e in entries) else []),
         "",
         "| Method | Pretraining | " + " | ".join(f"{titles[d]} {c}" for d, c in columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
     for (method, pretraining), cells in rows.items():
-        values = []
-        for dc in columns:
-            e = cells.get(dc)
-            values.append(
-                ""
-                if e is None
-                else percent(float(e["accuracy"])) + ("" if e.get("all_splits", True) else "†")
-            )
+        values = ["" if cells.get(dc) is None else cell_text(cells[dc]) for dc in columns]
         lines.append(f"| {method} | {pretraining} | " + " | ".join(values) + " |")
     details = _details(entries)
     if details:
@@ -150,6 +175,7 @@ def _details(entries: list[Mapping[str, Any]]) -> list[str]:
     for e in entries:
         splits = list(e["splits"])
         head = f"**{e['method']}** ({e['pretraining']}), {e.get('title', e['dataset'])} {e['column']}"
+        head += " (mAP)" if is_map(e) else ""
         where = f" — `{e['run']}`" if e.get("run") else ""
         out += [
             head + where,
@@ -161,15 +187,16 @@ def _details(entries: list[Mapping[str, Any]]) -> list[str]:
         if sweep:
             for row in sweep:
                 best = row["lr"] == e.get("best_lr")
-                cells = [percent(row["splits"][s]) if s in row["splits"] else "" for s in splits]
-                mean = percent(row["mean"])
+                cells = [score_text(e, row["splits"][s]) if s in row["splits"] else "" for s in splits]
+                mean = score_text(e, row["mean"])
                 label = f"lr {row['lr']:g}"
                 if best:
                     label, mean = f"**{label}**", f"**{mean}**"
                 out.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
         else:
             setting = ", ".join(f"{k} {v}" for k, v in (e.get("setting") or {}).items()) or "-"
-            cells = [percent(e["splits"][s]) for s in splits]
-            out.append(f"| {setting} | " + " | ".join(cells) + f" | {percent(e['accuracy'])} |")
+            cells = [score_text(e, e["splits"][s]) for s in splits]
+            mean = score_text(e, e["map" if is_map(e) else "accuracy"])
+            out.append(f"| {setting} | " + " | ".join(cells) + f" | {mean} |")
         out.append("")
     return out[:-1] if out else out

@@ -17,7 +17,8 @@ Features are standardised (mean/std of the training samples), then `sklearn.svm.
 (stratified folds, grouped by file so that clips of one file never sit on both sides), the best C
 (mean CV accuracy; the smaller C on a tie) is refit on all training samples, and the test split is
 scored once. Splits follow the recipe (DCASE and ESC-50: 5 folds, each tested after training on
-the 4 others); each set's features are extracted once per run.
+the 4 others); each set's features are extracted once per run. Multi-label sets (AudioSet) are refused:
+scoring them would take one binary SVM per class (one-vs-rest on the class lists) and mAP, not written here.
 """
 
 from __future__ import annotations
@@ -228,7 +229,12 @@ def run_svm(recipe: EvalRecipe, progress: Progress | None = None) -> dict[str, A
     if recipe.mode != "svm":
         raise ConfigError(f"mode {recipe.mode!r}: run_svm evaluates mode svm")
     progress = progress or (lambda _msg: None)
-    dist, classes, splits = start_run(recipe, needs="the SVM")
+    dist, classes, splits, multi_label = start_run(recipe, needs="the SVM")
+    if multi_label:
+        raise ConfigError(
+            f"{recipe.data.shards}/dataset.json: multi_label: mode svm is not supported on a multi-label set "
+            "(the SVM gives each file one class); use mode fc or full, which score mAP"
+        )
     torch.manual_seed(recipe.seed)
     encoder, source = build_encoder(recipe)
     encoder = encoder.to(dist.device).eval()

@@ -88,6 +88,7 @@ RUNTIME_FIELDS = frozenset(
         "model.pretraining",
         "optim.lr",
         "optim.lrs",
+        "optim.lr_factor",  # it changes which lrs run; each (lr, split) digest holds its own lr
         "optim.sweep",
         "test.batch_size",
         "run",
@@ -170,6 +171,10 @@ class Optim(Section):
     warmup_start: float | None = Field(default=None, gt=0.0, le=1.0)  # null: from the base lr
     sweep: bool = False  # run every lr of `lrs` and report the best (Table 12's cross-validation)
     lrs: list[float] | None = Field(default=None, min_length=1)  # null: Table 12's list for the mode
+    # Table 12's learning rates x this; 0.25 for 32-frame clips (Appendix B: "reduce the base learning
+    # rate to 1/4"). Scales the default grid of either mode only: an explicit `lrs` (and the single `lr`)
+    # is used as written.
+    lr_factor: float = Field(default=1.0, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.005, ge=0.0)
     warmup_epochs: int = Field(default=2, ge=0)
@@ -298,12 +303,23 @@ class EvalRecipe(Section):
 
     @property
     def lrs(self) -> tuple[float, ...]:
-        """The base lrs this run trains with: all of the sweep, or the single `optim.lr`."""
+        """The base lrs this run trains with: all of the sweep, or the single `optim.lr`.
+
+        The sweep is `optim.lrs` as written, else Table 12's list for the mode times `optim.lr_factor`
+        (rounded to 12 significant digits: 0.006 x 0.1 is 0.0006, not 0.0006000000000000001).
+        """
         if self.mode == "svm":
             return ()
         if not self.optim.sweep:
             return (float(self.optim.lr),)  # type: ignore[arg-type]  # checked in _consistent
-        return tuple(self.optim.lrs) if self.optim.lrs is not None else TABLE_12_LRS[self.mode]
+        if self.optim.lrs is not None:
+            return tuple(self.optim.lrs)
+        return scaled_grid(TABLE_12_LRS[self.mode], self.optim.lr_factor)
+
+
+def scaled_grid(lrs: Sequence[float], factor: float) -> tuple[float, ...]:
+    """Each lr x `factor`, rounded to 12 significant digits (lr folder names and digests stay tidy)."""
+    return tuple(float(f"{lr * factor:.12g}") for lr in lrs)
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -31,11 +31,15 @@ def recipe_overrides(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The closing lines: the reported accuracy per split, the best lr, where the table is."""
-    splits = ", ".join(f"{name} {100 * acc:.2f}" for name, acc in summary["splits"].items())
-    line = (
-        f"{summary['method']} on {summary['title']} ({summary['column']}): {100 * summary['accuracy']:.2f}%"
-    )
+    """The closing lines: the reported accuracy (multi-label: mAP) per split, the best lr, where the
+    table is."""
+    if "map" in summary:
+        splits = ", ".join(f"{name} {value:.4f}" for name, value in summary["splits"].items())
+        score = f"mAP {summary['map']:.4f}"
+    else:
+        splits = ", ".join(f"{name} {100 * acc:.2f}" for name, acc in summary["splits"].items())
+        score = f"{100 * summary['accuracy']:.2f}%"
+    line = f"{summary['method']} on {summary['title']} ({summary['column']}): {score}"
     lines = [line + f" mean over {len(summary['splits'])} split(s) [{splits}]"]
     sweep = summary.get("sweep") or []
     if len(sweep) > 1:
@@ -64,7 +68,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     "frozen features (DCASE style). Default: the recipe's.",
 )
 @click.option("--svm", is_flag=True, help="Same as --mode svm.")
-@click.option("--lr-sweep", is_flag=True, help="Cross-validate the base lr over Table 12's list (optim.lrs).")
+@click.option(
+    "--lr-sweep",
+    is_flag=True,
+    help="Cross-validate the base lr over optim.lrs (default: Table 12's list x optim.lr_factor).",
+)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def finetune(
     recipe_path: Path,
@@ -78,8 +86,9 @@ def finetune(
     """Finetune (or fc-only, or SVM) a pretrained encoder on a downstream dataset's official splits.
 
     Test accuracy: 10 clips per video, softmax averaged per video, mean over the splits (UCF101/HMDB51:
-    3 splits; ESC-50: 5 folds). Results merge into RUN_OUT/results.md and results.json. Reruns skip
-    finished (lr, split) pairs and resume unfinished ones. Under torchrun, every rank runs it.
+    3 splits; ESC-50: 5 folds). Multi-label sets (AudioSet) train with binary cross-entropy and score
+    mAP (sigmoid averaged per video). Results merge into RUN_OUT/results.md and results.json. Reruns
+    skip finished (lr, split) pairs and resume unfinished ones. Under torchrun, every rank runs it.
     """
     from trainer import distributed
     from xdctools.eval_recipe import load_eval_recipe
