@@ -59,6 +59,7 @@ from trainer.step import Learner
 from trainer.svm import ClipFeatures, fit_svm
 from xdctools import eval_recipe as er
 from xdctools.commands.finetune import finetune
+from xdctools.commands.shard import shard
 from xdctools.errors import ConfigError, DataError, InputError
 from xdctools.eval_recipe import TABLE_12_LRS, eval_digest, load_eval_recipe, parse_eval_recipe
 from xdctools.shard.params import ShardParams
@@ -718,32 +719,30 @@ def _audioset_rows(csv_path: Path, count: int) -> tuple[list[str], list[tuple[st
 
 @pytest.fixture(scope="module")
 def audioset(tmp_path_factory, media_dir: Path, splits_dir: Path) -> dict:
-    """Sets balanced_train (3 videos) and eval (3) of real AudioSet rows, sharded together by the real
-    planner and writer. (`xdctools shard` writes one csv's set per folder: the two plans are merged.)"""
+    """Sets balanced_train (3 videos) and eval (3) of real AudioSet rows in one folder, sharded by
+    `xdctools shard` with both csvs (`--csv` twice)."""
     base = tmp_path_factory.mktemp("audioset")
     index = splits_dir / "audioset" / "class_labels_indices.csv"
     with index.open(newline="") as f:
         mid_index = {row["mid"]: int(row["index"]) for row in csv.DictReader(f)}
-    plans, expected = [], {}
+    (base / "meta").mkdir()
+    (base / "meta" / "class_labels_indices.csv").symlink_to(index)
+    (base / "downloads").mkdir()
+    csvs, expected = [], {}
     for set_name, clips in AUDIOSET_CLIPS.items():
         comments, rows = _audioset_rows(splits_dir / "audioset" / f"{set_name}_segments.csv", len(clips))
-        folder = base / set_name
-        (folder / "meta").mkdir(parents=True)
-        (folder / "meta" / f"{set_name}_segments.csv").write_text(
-            "\n".join([*comments, *(r[0] for r in rows)])
-        )
-        (folder / "meta" / "class_labels_indices.csv").symlink_to(index)
-        (folder / "downloads").mkdir()
+        csv_path = base / "meta" / f"{set_name}_segments.csv"
+        csv_path.write_text("\n".join([*comments, *(r[0] for r in rows)]))
+        csvs += ["--csv", str(csv_path)]
         for (line, ytid, start, end), clip in zip(rows, clips, strict=True):
             name = f"{ytid}_{start:06.0f}_{end:06.0f}{Path(clip).suffix}"  # already trimmed
-            (folder / "downloads" / name).symlink_to(media_dir / "edge" / clip)
+            (base / "downloads" / name).symlink_to(media_dir / "edge" / clip)
             mids = next(csv.reader([line], skipinitialspace=True))[3].split(",")
             expected[ytid] = sorted(mid_index[m] for m in mids)
-        plans.append(build_plan(folder / "downloads", csv=folder / "meta" / f"{set_name}_segments.csv"))
-    train, test = plans
-    plan = dataclasses.replace(train, sets={**train.sets, **test.sets}, missing=train.missing + test.missing)
     root = base / "shards"
-    run_shard(shuffle_plan(plan, 0), ShardParams(short_side=48), root, shard_size=2, workers=2)
+    args = [str(base / "downloads"), *csvs, "-o", str(root), "--short-side", "48", "--shard-size", "2"]
+    result = CliRunner().invoke(shard, [*args, "--workers", "2"])
+    assert result.exit_code == 0, result.output
     return {"root": root, "classes": expected}
 
 

@@ -230,6 +230,39 @@ def test_kinetics_full_videos_are_trimmed_and_test_rows_unlabelled(
     assert job.path == str(tmp_path / "raw" / f"{first['youtube_id']}.mp4")
 
 
+def test_kinetics_val_and_test_csvs_in_one_plan(
+    tmp_path: Path, media_dir: Path, splits_dir: Path, kinetics_val: Path
+) -> None:
+    """Several Kinetics csvs: each row in the set its split column names, every set from one csv, the classes
+    those of all the csvs; each set's jobs as planned from its csv alone."""
+    test_csv = splits_dir / "kinetics400" / "kinetics-400_test.csv"
+    with test_csv.open(newline="") as f:
+        first = next(csv.DictReader(f))
+    root = tmp_path / "downloads"
+    link(media_dir / "kinetics" / "using segway", root / "using segway")  # trimmed val clips
+    link(
+        media_dir / "kinetics" / "using segway" / "R6llTwEh07w_000000_000010.mp4",
+        root / f"{first['youtube_id']}.mp4",
+    )
+    val, test = build_plan(root, csv=kinetics_val), build_plan(root, csv=test_csv)
+    both = build_plan(root, csv=[kinetics_val, test_csv])
+    assert both.kind == "kinetics-csv" and list(both.sets) == ["test", "val"]
+    assert both.classes == val.classes and len(both.classes) == 400  # the test csv has no labels
+    assert (
+        both.sets == {**val.sets, **test.sets} and len(both.sets["val"]) == 3 and len(both.sets["test"]) == 1
+    )
+    assert both.missing == sorted(val.missing + test.missing, key=lambda m: (m["set"], m["path"]))
+
+    again = tmp_path / "val-copy.csv"
+    again.write_bytes(kinetics_val.read_bytes())
+    with pytest.raises(
+        InputError, match=rf"val-copy\.csv: its set 'val' is also {kinetics_val}'s \(with several"
+    ):
+        build_plan(root, csv=[kinetics_val, again])
+    with pytest.raises(ConfigError, match=r"--set-name 'x' with 2 csvs: each csv names its own set"):
+        build_plan(root, csv=[kinetics_val, test_csv], set_name="x")
+
+
 def test_kinetics_csv_without_youtube_id_column(tmp_path: Path, media_dir: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("label,video,time_start,time_end,split\nusing segway,R6llTwEh07w,0,10,val\n")

@@ -1,6 +1,6 @@
-"""AudioSet through `xdctools shard`: real rows of balanced_train_segments.csv, real clips of
-../shared/data/media linked under the names AudioSet downloaders write, the real class index; then the
-shards, the trainer's catalog and `xdctools inspect`."""
+"""AudioSet through `xdctools shard`: real rows of balanced_train_segments.csv (and eval_segments.csv),
+real clips of ../shared/data/media linked under the names AudioSet downloaders write, the real class
+index; then the shards, the trainer's catalog and `xdctools inspect`; then both csvs in one run."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from trainer.data import find_shards
 from trainer.extract import read_catalog
 from xdctools.commands.inspect import inspect_cmd
 from xdctools.commands.shard import shard
-from xdctools.errors import InputError
+from xdctools.errors import ConfigError, InputError
 from xdctools.shard import format as fmt
 from xdctools.shard.plan import build_plan, detect_kind
 from xdctools.shard.run import plan_fingerprint
@@ -42,22 +42,31 @@ def audioset(splits_dir: Path) -> Path:
     return splits_dir / "audioset"
 
 
-@pytest.fixture(scope="module")
-def real(audioset: Path) -> dict:
-    """The real files read with the standard csv module (not the parser under test)."""
-    lines = (audioset / "balanced_train_segments.csv").read_text().splitlines()
+def real_segments(path: Path) -> dict:
+    """A real segments csv read with the standard csv module (not the parser under test)."""
+    lines = path.read_text().splitlines()
     rows = []
     for line in lines[3:]:
         ytid, start, end, labels = next(csv.reader([line], skipinitialspace=True))
         rows.append(RealRow(line, ytid, float(start), float(end), tuple(labels.split(","))))
+    return {"comments": lines[:3], "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def real(audioset: Path) -> dict:
+    """The real balanced csv and class index."""
     with (audioset / "class_labels_indices.csv").open(newline="") as f:
         classes = list(csv.DictReader(f))
     return {
-        "comments": lines[:3],
-        "rows": rows,
+        **real_segments(audioset / "balanced_train_segments.csv"),
         "index": {c["mid"]: int(c["index"]) for c in classes},
         "names": [c["display_name"] for c in classes],
     }
+
+
+@pytest.fixture(scope="module")
+def real_eval(audioset: Path) -> dict:
+    return real_segments(audioset / "eval_segments.csv")
 
 
 def expected_indices(row: RealRow, real: dict) -> list[int]:
@@ -74,6 +83,12 @@ def pick(real: dict) -> dict[str, RealRow]:
         "untrimmed": next(r for r in integer if r.start == 0 and len(r.mids) >= 2),
         "missing": next(r for r in integer if len(r.mids) == 1),
     }
+
+
+def relabelled(row: RealRow, mids: tuple[str, ...]) -> RealRow:
+    """The same segment (its span as written in the file) with another label list."""
+    span = ", ".join(row.line.split(", ")[:3])
+    return RealRow(f'{span}, "{",".join(mids)}"', row.youtube_id, row.start, row.end, mids)
 
 
 def link(target: Path, path: Path) -> Path:
@@ -110,13 +125,19 @@ def collection(tmp_path_factory, media_dir: Path, audioset: Path, real: dict) ->
     return {"base": base, "rows": rows, "csv": csv_path, "root": base / "downloads"}
 
 
+def shard_csvs(root: Path, csvs: list[Path], out: Path) -> str:
+    """`xdctools shard ROOT --csv A [--csv B] -o OUT` at short side 64, 2 videos a unit; its output."""
+    args = [str(root), *(arg for path in csvs for arg in ("--csv", str(path))), "-o", str(out)]
+    result = CliRunner().invoke(shard, [*args, "--short-side", "64", "--workers", "1", "--shard-size", "2"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 @pytest.fixture(scope="module")
 def sharded(collection: dict) -> Path:
     out = collection["base"] / "shards"
-    args = [str(collection["root"]), "--csv", str(collection["csv"]), "-o", str(out), "--short-side", "64"]
-    result = CliRunner().invoke(shard, [*args, "--workers", "1", "--shard-size", "2"])
-    assert result.exit_code == 0, result.output
-    assert "ok: 3 videos" in result.output and "annotated but not found: 1" in result.output
+    output = shard_csvs(collection["root"], [collection["csv"]], out)
+    assert "ok: 3 videos" in output and "annotated but not found: 1" in output
     return out
 
 
@@ -318,3 +339,177 @@ def test_single_label_shards_are_unchanged(media_dir: Path, tmp_path: Path) -> N
     for sample in samples_of(out):
         assert [e for e in sample if e != "key"] == ["cls", "info.npy", "json", "mel.npy", "webm"]
         assert not {"labels", "class_indices"} & set(json.loads(sample["json"]))
+
+
+# --- several csvs in one run: a train set and an eval set in one folder -------------------------------
+@pytest.fixture(scope="module")
+def eval_collection(collection: dict, media_dir: Path, real_eval: dict) -> dict:
+    """meta/eval_segments.csv beside the balanced csv: a real eval row on disk (downloads/eval/), one not
+    on disk, and the balanced csv's fractional-span segment again with that eval row's labels (a user's
+    lists may overlap; AudioSet's do not)."""
+    labelled = [
+        r for r in real_eval["rows"] if r.start.is_integer() and r.end.is_integer() and len(r.mids) >= 2
+    ]
+    on_disk, missing = labelled[:2]
+    shared = relabelled(collection["rows"]["milliseconds"], on_disk.mids)
+    assert set(shared.mids) != set(collection["rows"]["milliseconds"].mids)
+    name = f"{on_disk.youtube_id}_{on_disk.start:06.0f}_{on_disk.end:06.0f}.webm"
+    link(media_dir / "edge" / "big_buck_bunny_432_433.webm", collection["root"] / "eval" / name)
+    rows = {"on_disk": on_disk, "shared": shared, "missing": missing}
+    csv_path = write_csv(collection["base"] / "meta" / "eval_segments.csv", real_eval, list(rows.values()))
+    return {"rows": rows, "csv": csv_path}
+
+
+@pytest.fixture(scope="module")
+def sharded_eval(collection: dict, eval_collection: dict) -> Path:
+    out = collection["base"] / "shards-eval"
+    output = shard_csvs(collection["root"], [eval_collection["csv"]], out)
+    assert "ok: 2 videos" in output and "annotated but not found: 1" in output
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_both(collection: dict, eval_collection: dict) -> Path:
+    out = collection["base"] / "shards-both"
+    output = shard_csvs(collection["root"], [collection["csv"], eval_collection["csv"]], out)
+    assert "ok: 5 videos" in output and "annotated but not found: 2" in output
+    return out
+
+
+def expected_by_set(collection: dict, eval_collection: dict, real: dict) -> dict[str, dict[str, list[int]]]:
+    """Set -> YouTube id -> the class indices of that csv's row, for the rows on disk."""
+    named = {"balanced_train": collection["rows"], "eval": eval_collection["rows"]}
+    return {
+        set_name: {r.youtube_id: expected_indices(r, real) for n, r in rows.items() if n != "missing"}
+        for set_name, rows in named.items()
+    }
+
+
+def test_two_csvs_shard_into_one_folder_with_a_set_each(
+    sharded_both: Path, collection: dict, eval_collection: dict, real: dict
+) -> None:
+    dataset = json.loads((sharded_both / "dataset.json").read_text())
+    assert list(dataset["sets"]) == ["balanced_train", "eval"]
+    assert dataset["kind"] == "audioset-csv" and dataset["multi_label"] is True
+    assert dataset["classes"] == real["names"] and dataset["class_ids"] == list(real["index"])
+    assert dataset["failures_by_reason"] == {"missing_file": 2}
+    assert {s: dataset["sets"][s]["ok"] for s in dataset["sets"]} == {"balanced_train": 3, "eval": 2}
+    expected = expected_by_set(collection, eval_collection, real)
+    seen = set()
+    for sample in samples_of(sharded_both):
+        meta = json.loads(sample["json"])
+        labels = np.load(io.BytesIO(sample["labels.npy"])).tolist()
+        assert labels == meta["class_indices"] == expected[meta["set"]][meta["youtube_id"]]
+        seen.add((meta["set"], meta["youtube_id"]))
+    assert seen == {(s, ytid) for s, rows in expected.items() for ytid in rows}
+    shared = eval_collection["rows"]["shared"].youtube_id  # in both sets, each copy with its csv's labels
+    assert expected["balanced_train"][shared] != expected["eval"][shared]
+
+
+def test_the_catalog_of_each_set_holds_its_csvs_label_lists(
+    sharded_both: Path, collection: dict, eval_collection: dict, real: dict
+) -> None:
+    expected = expected_by_set(collection, eval_collection, real)
+    for set_name, by_id in expected.items():
+        catalog = read_catalog(find_shards(sharded_both, set_name))
+        video_ids = {}
+        for sample in samples_of(sharded_both):
+            meta = json.loads(sample["json"])
+            if meta["set"] == set_name:
+                video_ids[fmt.decode_info(sample["info.npy"])["video"]] = meta["youtube_id"]
+        assert catalog.multi_label and catalog.videos.tolist() == sorted(video_ids) == list(range(len(by_id)))
+        labels = [catalog.label_set(r).tolist() for r in range(catalog.num_videos)]
+        assert labels == [by_id[video_ids[int(v)]] for v in catalog.videos]
+
+
+def test_each_set_is_byte_identical_to_its_csv_sharded_alone(
+    sharded: Path, sharded_eval: Path, sharded_both: Path
+) -> None:
+    """A set's shards depend on its jobs, the seed and its name (the shuffle) and the encode only: every file
+    of each set folder (tars, DALI indexes, unit markers) and its dataset.json entry equal those of the run
+    with its csv alone. The folder-wide files differ (params.json: the plan hash covers both sets); the
+    errors are the two runs' lines, set by set. (Not so for a `Y<id>` file of a video that the csvs list
+    at two spans: matched by one csv alone, by neither together; see the next test.)"""
+    both = json.loads((sharded_both / "dataset.json").read_text())
+    for alone, set_name in ((sharded, "balanced_train"), (sharded_eval, "eval")):
+        names = sorted(p.name for p in (alone / set_name).iterdir())
+        assert names == sorted(p.name for p in (sharded_both / set_name).iterdir())
+        assert sum(n.endswith(".tar") for n in names) >= 1 and sum(n.endswith(".idx") for n in names) >= 1
+        same = [
+            (sharded_both / set_name / n).read_bytes() == (alone / set_name / n).read_bytes() for n in names
+        ]
+        assert [n for n, equal in zip(names, same, strict=True) if not equal] == []
+        assert both["sets"][set_name] == json.loads((alone / "dataset.json").read_text())["sets"][set_name]
+    errors = [(out / "errors.jsonl").read_text() for out in (sharded, sharded_eval, sharded_both)]
+    assert errors[2] == errors[0] + errors[1]
+
+
+def test_y_names_match_a_segment_both_csvs_list_but_not_a_video_at_two_spans(
+    tmp_path: Path, shared_dir: Path, real: dict, real_eval: dict, audioset: Path
+) -> None:
+    """`Y<id>` says nothing of the span: a segment listed in both csvs (with other labels) is matched in both
+    sets, each job with its csv's labels; a video the csvs list at two spans is matched in neither (the
+    balanced csv alone matches it)."""
+    rows = pick(real)
+    one, two = rows["kinetics_style"], rows["missing"]
+    wav = shared_dir / "data" / "fsdd" / "recordings" / "0_george_0.wav"
+    for row in (one, two):
+        link(wav, tmp_path / "wav" / f"Y{row.youtube_id}.wav")
+    later = f'{two.youtube_id}, {two.end:.3f}, {two.end + 10:.3f}, "{",".join(two.mids)}"'
+    eval_mids = real_eval["rows"][0].mids
+    train = write_csv(tmp_path / "meta" / "balanced_train_segments.csv", real, [one, two])
+    evals = [relabelled(one, eval_mids), dataclasses.replace(two, line=later)]
+    eval_csv = write_csv(tmp_path / "meta" / "eval_segments.csv", real_eval, evals)
+    link(audioset / "class_labels_indices.csv", tmp_path / "meta" / "class_labels_indices.csv")
+    plan = build_plan(tmp_path / "wav", csv=[train, eval_csv])
+    assert list(plan.sets) == ["balanced_train", "eval"] and plan.multi_label
+    (a,), (b,) = plan.sets.values()
+    assert a.name == b.name == f"Y{one.youtube_id}.wav" and a.set_name != b.set_name
+    assert list(a.class_indices) == expected_indices(one, real)
+    assert list(b.class_indices) == sorted({real["index"][mid] for mid in eval_mids}) != list(a.class_indices)
+    assert sorted((m["set"], m["path"].partition("#")[0]) for m in plan.missing) == [
+        ("balanced_train", two.youtube_id),
+        ("eval", two.youtube_id),
+    ]
+    alone = build_plan(tmp_path / "wav", csv=train)
+    assert sorted(j.name for j in alone.sets["balanced_train"]) == sorted(
+        f"Y{r.youtube_id}.wav" for r in (one, two)
+    )
+    assert plan_fingerprint(build_plan(tmp_path / "wav", csv=[train])) == plan_fingerprint(alone)
+
+
+def test_errors_of_several_csvs_are_one_line_naming_the_files(
+    collection: dict, eval_collection: dict, real_eval: dict, audioset: Path, splits_dir: Path, tmp_path: Path
+) -> None:
+    root, train, evals = collection["root"], collection["csv"], eval_collection["csv"]
+    on_disk = eval_collection["rows"]["on_disk"]
+
+    def fails(*args: Path | str) -> str:
+        result = CliRunner().invoke(shard, [str(root), *map(str, args), "-o", str(tmp_path / "out")])
+        assert result.exit_code in (InputError.exit_code, ConfigError.exit_code), result.output
+        assert result.output.count("\n") == 1 and result.output.startswith("Error: "), result.output
+        assert not (tmp_path / "out").exists()
+        return result.output
+
+    index = audioset / "class_labels_indices.csv"
+    other = write_csv(tmp_path / "other" / "eval_segments.csv", real_eval, [on_disk])
+    (tmp_path / "other" / "class_labels_indices.csv").write_text(
+        "\n".join(index.read_text().splitlines()[:-1]) + "\n"  # the last class left out
+    )
+    message = fails("--csv", train, "--csv", other)
+    assert (
+        f"{tmp_path}/other/class_labels_indices.csv: differs from {train.parent}/class_labels_indices.csv"
+        in message
+    )
+    plan = build_plan(root, csv=[train, other], classes=index)  # --classes settles which one
+    assert list(plan.sets) == ["balanced_train", "eval"] and len(plan.classes) == NUM_CLASSES
+    (tmp_path / "other" / "class_labels_indices.csv").write_bytes(index.read_bytes().replace(b"\n", b"\r\n"))
+    assert list(build_plan(root, csv=[train, other]).sets) == ["balanced_train", "eval"]  # same classes
+
+    message = fails("--csv", evals, "--csv", other)
+    assert f"Error: {other}: its set 'eval' is also {evals}'s (with several csvs" in message
+    message = fails("--csv", train, "--csv", evals, "--set-name", "mine")
+    assert "--set-name 'mine' with 2 csvs: each csv names its own set" in message
+    kinetics = splits_dir / "kinetics400" / "kinetics-400_val.csv"
+    message = fails("--csv", train, "--csv", kinetics)
+    assert f"Error: {kinetics}: a Kinetics csv, but {train} is an AudioSet segments csv" in message

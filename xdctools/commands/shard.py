@@ -80,10 +80,12 @@ def format_summary(summary: Summary, out_dir: Path) -> str:
 @click.option("--kind", type=click.Choice(KINDS), help="Input layout (detected when omitted).")
 @click.option(
     "--csv",
-    "csv_path",
+    "csv_paths",
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Kinetics csv (label,youtube_id,time_start,time_end,split) or AudioSet segments csv "
-    "(YTID, start_seconds, end_seconds, positive_labels), told apart by their first lines.",
+    "(YTID, start_seconds, end_seconds, positive_labels), told apart by their first lines. Repeat it "
+    "for several csvs of one kind in one folder (e.g. an AudioSet train and eval csv: a set each).",
 )
 @click.option(
     "--splits",
@@ -111,7 +113,7 @@ def format_summary(summary: Summary, out_dir: Path) -> str:
     "--set-name",
     default=None,
     help="Set name when the input has no splits (default: train; for an AudioSet csv its name: "
-    "balanced_train, unbalanced_train, eval).",
+    "balanced_train, unbalanced_train, eval); not with several --csv.",
 )
 @click.option(
     "--order",
@@ -157,7 +159,7 @@ def shard(
     root: Path,
     output: Path,
     kind: str | None,
-    csv_path: Path | None,
+    csv_paths: tuple[Path, ...],
     splits: Path | None,
     split: str | None,
     manifest: Path | None,
@@ -195,7 +197,7 @@ def shard(
     plan = build_plan(
         root,
         kind=kind,
-        csv=csv_path,
+        csv=list(csv_paths) or None,
         splits=splits,
         split_ids=split_ids,
         manifest=manifest,

@@ -51,7 +51,7 @@ def build_plan(
     root: str | Path,
     *,
     kind: str | None = None,
-    csv: Path | None = None,
+    csv: Path | Sequence[Path] | None = None,
     splits: Path | None = None,
     split_ids: Sequence[int] | str | None = None,
     manifest: Path | None = None,
@@ -67,15 +67,20 @@ def build_plan(
     and indices. `set_name` names the single set of unsplit inputs (default "train"; an AudioSet csv's
     set is named after the file, see `annotations.audioset_set_name`).
 
+    `csv` is one csv or several of one kind, planned together with one class index: each AudioSet csv
+    gives its own set, named after its file; Kinetics rows go to the set their `split` column names.
+    A set comes from one csv only, and `set_name` is refused with several (each names its own sets).
+
     Within a set, jobs are sorted by name and `index` is their position (`shuffle_plan` permutes
     them). Every set holds at least one job. Annotated files absent from disk are listed in
     `Plan.missing`.
     """
     root = Path(root)
+    csvs = _csv_paths(csv)
     if manifest is None and kind in (None, "manifest") and root.suffix.lower() in MANIFEST_SUFFIXES:
         manifest = root
     if kind is None:
-        kind = detect_kind(root, csv=csv, splits=splits, manifest=manifest)
+        kind = detect_kind(root, csv=csvs, splits=splits, manifest=manifest)
     if kind not in KINDS:
         raise ConfigError(f"unknown input kind {kind!r} (choose from {', '.join(KINDS)})")
     if kind == "manifest":
@@ -86,12 +91,13 @@ def build_plan(
     if kind in ("class-tree", "folder", "audio"):
         return _plan_tree(root, kind, classes, set_name or DEFAULT_SET)
     if kind in ("kinetics-csv", "audioset-csv"):
-        if csv is None:
+        if not csvs:
             what = "a Kinetics" if kind == "kinetics-csv" else "an AudioSet segments"
             raise ConfigError(f"{root}: kind {kind!r} needs {what} csv file")
+        _check_csv_set_name(csvs, set_name)
         if kind == "audioset-csv":
-            return _plan_audioset(root, Path(csv), classes, set_name)
-        return _plan_kinetics(root, Path(csv), classes, set_name or DEFAULT_SET)
+            return _plan_audioset(root, csvs, classes, set_name)
+        return _plan_kinetics(root, csvs, classes, set_name or DEFAULT_SET)
     if kind == "esc50":
         return _plan_esc50(root, None if splits is None else Path(splits), split_ids, classes)
     if splits is None:
@@ -121,15 +127,19 @@ def shuffle_plan(plan: Plan, seed: int) -> Plan:
 
 
 def detect_kind(
-    root: Path, *, csv: Path | None = None, splits: Path | None = None, manifest: Path | None = None
+    root: Path,
+    *,
+    csv: Path | Sequence[Path] | None = None,
+    splits: Path | None = None,
+    manifest: Path | None = None,
 ) -> str:
     """The input kind implied by the arguments, else by the root's layout (only names are looked at,
-    and the first lines of a csv)."""
+    and the first lines of a csv). Several csvs must be of one kind."""
     if splits is not None:
         return _splits_kind(Path(splits))
-    if csv is not None:
-        head = _read_text(Path(csv), "csv", limit=HEAD_CHARS)
-        return "audioset-csv" if ann.is_audioset_csv(head) else "kinetics-csv"
+    csvs = _csv_paths(csv)
+    if csvs:
+        return _csvs_kind(csvs)
     if manifest is not None:
         return "manifest"
     _check_dir(root)
@@ -282,16 +292,94 @@ def _plan_tree(root: Path, kind: str, classes_file: Path | None, set_name: str) 
     return _assemble(kind, classes, jobs, [])
 
 
+# --- csvs: one or several of one kind ------------------------------------------------------------
+_CSV_WHAT = {"kinetics-csv": "a Kinetics csv", "audioset-csv": "an AudioSet segments csv"}
+
+
+def _csv_paths(csv: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """`build_plan`'s `csv` as a list: none, one path, or several."""
+    if csv is None:
+        return []
+    if isinstance(csv, (str, os.PathLike)):
+        return [Path(csv)]
+    return [Path(c) for c in csv]
+
+
+def _csv_kind(csv_path: Path) -> str:
+    head = _read_text(csv_path, "csv", limit=HEAD_CHARS)
+    return "audioset-csv" if ann.is_audioset_csv(head) else "kinetics-csv"
+
+
+def _csvs_kind(csv_paths: Sequence[Path]) -> str:
+    """The kind of every csv; csvs of two kinds are an InputError naming one of each."""
+    first = _csv_kind(csv_paths[0])
+    for path in csv_paths[1:]:
+        kind = _csv_kind(path)
+        if kind != first:
+            raise InputError(
+                f"{path}: {_CSV_WHAT[kind]}, but {csv_paths[0]} is {_CSV_WHAT[first]} "
+                "(csvs of one kind per run: shard each kind into its own folder)"
+            )
+    return first
+
+
+def _check_csv_set_name(csv_paths: Sequence[Path], set_name: str | None) -> None:
+    if set_name is not None and len(csv_paths) > 1:
+        raise ConfigError(
+            f"--set-name {set_name!r} with {len(csv_paths)} csvs: each csv names its own set "
+            "(give --set-name with a single --csv only)"
+        )
+
+
+def _check_one_csv_per_set(sets_of_csvs: Iterable[tuple[Path, Iterable[str]]]) -> None:
+    """Every set comes from one csv: a set that two csvs fill is an InputError naming both."""
+    owner: dict[str, Path] = {}
+    for path, set_names in sets_of_csvs:
+        for set_name in sorted(set(set_names)):
+            if set_name in owner:
+                raise InputError(
+                    f"{path}: its set {set_name!r} is also {owner[set_name]}'s "
+                    "(with several csvs, each set must come from one csv)"
+                )
+            owner[set_name] = path
+
+
 # --- Kinetics csv --------------------------------------------------------------------------------
-def _plan_kinetics(root: Path, csv_path: Path, classes_file: Path | None, set_name: str) -> Plan:
-    rows = ann.parse_kinetics_csv(_read_text(csv_path, "Kinetics csv"), str(csv_path), set_name)
+def _plan_kinetics(
+    root: Path, csv_paths: Sequence[Path], classes_file: Path | None, default_split: str
+) -> Plan:
+    """Each row in the set its `split` column names (`default_split` when it has none); the classes are
+    `classes_file`'s, else every csv's labels, sorted."""
+    listed = [(path, _kinetics_rows(path, default_split)) for path in csv_paths]
+    _check_one_csv_per_set((path, (r.split for r in rows)) for path, rows in listed)
+    labels = sorted({r.label for _, rows in listed for r in rows if r.label is not None})
+    classes, class_index = _classes(labels, classes_file, csv_paths[0])
+    index = _FileIndex(list_media(root, VIDEO_SUFFIXES))
+    jobs, missing = [], []
+    for csv_path, rows in listed:
+        found, lost = _kinetics_jobs(index, os.path.abspath(root), csv_path, rows, class_index)
+        if not found:
+            raise _nothing_found(csv_path, len(rows), root)
+        jobs += found
+        missing += lost
+    return _assemble("kinetics-csv", classes, jobs, missing)
+
+
+def _kinetics_rows(csv_path: Path, default_split: str) -> list[ann.KineticsRow]:
+    rows = ann.parse_kinetics_csv(_read_text(csv_path, "Kinetics csv"), str(csv_path), default_split)
     if not rows:
         raise InputError(f"{csv_path}: no rows")
-    classes, class_index = _classes(
-        sorted({r.label for r in rows if r.label is not None}), classes_file, csv_path
-    )
-    index = _FileIndex(list_media(root, VIDEO_SUFFIXES))
-    base = os.path.abspath(root)
+    return rows
+
+
+def _kinetics_jobs(
+    index: _FileIndex,
+    base: str,
+    csv_path: Path,
+    rows: list[ann.KineticsRow],
+    class_index: Callable[[str | None, str], int],
+) -> tuple[list[Job], list[dict]]:
+    """The jobs of one csv's rows found on disk, and its rows that are not."""
     jobs, missing = [], []
     for row in rows:
         label_index = class_index(row.label, f"{csv_path}:{row.line}")
@@ -308,35 +396,89 @@ def _plan_kinetics(root: Path, csv_path: Path, classes_file: Path | None, set_na
         name = f"{full}#t={row.start:g},{row.end:g}"  # media-fragment suffix: one full video, many spans
         path = _join(base, full)
         jobs.append(Job(row.split, -1, path, name, row.label, label_index, row.start, row.end, extra=extra))
-    if not jobs:
-        raise _nothing_found(csv_path, len(rows), root)
-    return _assemble("kinetics-csv", classes, jobs, missing)
+    return jobs, missing
 
 
 # --- AudioSet csv --------------------------------------------------------------------------------
-def _plan_audioset(root: Path, csv_path: Path, classes_file: Path | None, set_name: str | None) -> Plan:
-    """One multi-label set: each csv row a clip, its class ids mapped through `class_labels_indices.csv`."""
+def _plan_audioset(
+    root: Path, csv_paths: Sequence[Path], classes_file: Path | None, set_name: str | None
+) -> Plan:
+    """One multi-label set per csv, named after it (or `set_name`): each row a clip, its class ids mapped
+    through the class index the csvs share (`class_labels_indices.csv`)."""
+    set_names = [set_name] if set_name else [ann.audioset_set_name(p.name) for p in csv_paths]
+    _check_one_csv_per_set((path, [name]) for path, name in zip(csv_paths, set_names, strict=True))
+    listed = [(path, _audioset_rows(path)) for path in csv_paths]
+    classes_path, classes = _audioset_class_index(csv_paths, classes_file)
+    files = _AudioSetFiles(root, _segments_per_id([rows for _, rows in listed]))
+    jobs, missing = [], []
+    for (csv_path, rows), name in zip(listed, set_names, strict=True):
+        found, lost = _audioset_jobs(files, csv_path, rows, name, classes, str(classes_path))
+        if not found:
+            raise _nothing_found(csv_path, len(rows), root)
+        jobs += found
+        missing += lost
+    plan = _assemble("audioset-csv", [c.name for c in classes], jobs, missing)
+    return replace(plan, multi_label=True, class_ids=[c.mid for c in classes])
+
+
+def _audioset_rows(csv_path: Path) -> list[ann.AudioSetRow]:
     rows = ann.parse_audioset_csv(_read_text(csv_path, "AudioSet csv"), str(csv_path))
     if not rows:
         raise InputError(f"{csv_path}: no rows")
-    classes_path = _audioset_classes_path(csv_path, classes_file)
-    classes = ann.parse_audioset_classes(_read_text(classes_path, "AudioSet class index"), str(classes_path))
+    return rows
+
+
+def _audioset_jobs(
+    files: _AudioSetFiles,
+    csv_path: Path,
+    rows: list[ann.AudioSetRow],
+    set_name: str,
+    classes: list[ann.AudioSetClass],
+    classes_source: str,
+) -> tuple[list[Job], list[dict]]:
+    """The jobs of one csv's rows found on disk (each with its row's classes), and its rows that are not."""
     names = [c.name for c in classes]
     mid_index = {c.mid: c.index for c in classes}
-    set_name = set_name or ann.audioset_set_name(csv_path.name)
-    files = _AudioSetFiles(root, Counter(row.youtube_id for row in rows))
     jobs, missing = [], []
     for row in rows:
-        indices = ann.audioset_class_indices(row, mid_index, str(csv_path), str(classes_path))
+        indices = ann.audioset_class_indices(row, mid_index, str(csv_path), classes_source)
         job = _audioset_job(files, row, set_name, tuple(names[i] for i in indices), indices)
         if job is None:
             missing.append(_missing(f"{row.youtube_id}#t={row.start:g},{row.end:g}", set_name))
         else:
             jobs.append(job)
-    if not jobs:
-        raise _nothing_found(csv_path, len(rows), root)
-    plan = _assemble("audioset-csv", names, jobs, missing)
-    return replace(plan, multi_label=True, class_ids=[c.mid for c in classes])
+    return jobs, missing
+
+
+def _audioset_class_index(
+    csv_paths: Sequence[Path], classes_file: Path | None
+) -> tuple[Path, list[ann.AudioSetClass]]:
+    """The class index every csv uses: `classes_file`, else the one beside each csv, which must agree."""
+    paths = [_audioset_classes_path(csv_path, classes_file) for csv_path in csv_paths]
+    classes = _audioset_classes(paths[0])
+    for path in paths[1:]:
+        if path != paths[0] and _audioset_classes(path) != classes:
+            raise InputError(
+                f"{path}: differs from {paths[0]}, the class index beside {csv_paths[0]} "
+                "(csvs sharded together share one class index; pass it with --classes)"
+            )
+    return paths[0], classes
+
+
+def _audioset_classes(path: Path) -> list[ann.AudioSetClass]:
+    return ann.parse_audioset_classes(_read_text(path, "AudioSet class index"), str(path))
+
+
+def _segments_per_id(row_lists: Iterable[list[ann.AudioSetRow]]) -> Counter[str]:
+    """How many segments of each video the csvs list: every row of a csv, but a segment that several csvs
+    list counts as often as the one that lists it most (one csv: its rows per video, as before)."""
+    spans: Counter[tuple[str, float, float]] = Counter()
+    for rows in row_lists:
+        spans |= Counter((row.youtube_id, row.start, row.end) for row in rows)
+    per_id: Counter[str] = Counter()
+    for (youtube_id, _, _), count in spans.items():
+        per_id[youtube_id] += count
+    return per_id
 
 
 def _audioset_classes_path(csv_path: Path, classes_file: Path | None) -> Path:
