@@ -515,3 +515,15 @@ def test_cli_bad_inputs_exit_nonzero_and_write_nothing(store_path: Path, fsdd: d
     assert res.exit_code == 3 and "already exists" in res.output
     assert sorted(p.name for p in (tmp_path / "o1").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_unreadable_dataset_json_is_an_error_not_a_missing_class_list(tmp_path: Path) -> None:
+    from xdctools.commands.cluster import shard_class_names
+
+    (tmp_path / "train").mkdir()
+    assert shard_class_names(tmp_path / "train") is None  # no dataset.json: no class names to show
+    (tmp_path / "dataset.json").write_text('{"classes": ["a", "b"]}')
+    assert shard_class_names(tmp_path / "train") == ["a", "b"]
+    (tmp_path / "dataset.json").write_text('{"classes": ["a", ')  # cut off mid-write
+    with pytest.raises(DataError, match=r"dataset.json: unreadable \(JSONDecodeError"):
+        shard_class_names(tmp_path / "train")

@@ -481,6 +481,30 @@ def test_superv_on_a_multi_label_set_learns_multi_hot_targets_and_probes_by_map(
     assert final["map"] == pytest.approx(score)
 
 
+def test_a_probe_that_cannot_run_says_so(shards: Path, tmp_path: Path) -> None:
+    changes = {
+        "clustering": {"k": 2, "iterations": 1, "niter": 5},
+        "optim": {"epoch_size": 4},
+        "run": {"probe": True},
+    }
+    doc = tiny_recipe(unlabelled_shards(shards), tmp_path / "run", **changes)
+    with pytest.warns(
+        UserWarning, match=r"probe of iteration \d skipped: no labelled test video \(held-out\)"
+    ):
+        loop.run(parse_recipe(yaml.safe_dump(doc)))
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [(r["iteration"], r["reason"]) for r in records if r["event"] == "probe_skipped"]
+    assert skipped == [(0, "no labelled test video (held-out)"), (1, "no labelled test video (held-out)")]
+
+
+def test_a_damaged_result_file_is_an_error_not_an_unfinished_run(tmp_path: Path) -> None:
+    recipe = parse_recipe(yaml.safe_dump(tiny_recipe(Path("s"), tmp_path)))
+    assert loop.finished_result(tmp_path, recipe) is None  # no result.json: not finished
+    (tmp_path / "result.json").write_text('{"digest": ')
+    with pytest.raises(DataError, match=r"result\.json: unreadable .*delete it to let the run finish again"):
+        loop.finished_result(tmp_path, recipe)
+
+
 def test_bad_recipes_fail_naming_the_field(shards: Path, tmp_path: Path) -> None:
     good = tiny_recipe(shards, tmp_path / "run")
     cases = [

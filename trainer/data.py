@@ -79,6 +79,7 @@ class ShardSet:
     video_ext: str | None  # "webm", "mp4", or None for an audio-only set
     short_side: int | None = None  # stored frame size, from dataset.json when present
     name_ordered: bool = False  # dataset.json says the videos were written in name (= class) order
+    classes: tuple[str, ...] | None = None  # class names of dataset.json, when it lists them
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -197,8 +198,11 @@ def find_shards(root: str | os.PathLike, set_name: str, *, video: bool = True) -
         sets = doc["sets"]
         short_side = doc["parameters"]["shard"]["short_side"]
         name_ordered = doc["parameters"].get("shuffle_seed") is None  # absent: written before shuffling
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        classes = doc.get("classes")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{meta}: unreadable ({type(e).__name__}: {e})") from e
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{meta}: 'classes' is not a list of names")
     if set_name not in sets:
         raise DataError(f"{meta}: no set {set_name!r} (sets: {', '.join(sorted(sets)) or 'none'})")
     listed = sets[set_name].get("shards", [])
@@ -210,7 +214,7 @@ def find_shards(root: str | os.PathLike, set_name: str, *, video: bool = True) -
             raise DataError(
                 f"{root / entry['tar']}: index holds {size} samples, {meta.name} says {entry['samples']}"
             )
-    return replace(shards, name_ordered=name_ordered)
+    return replace(shards, name_ordered=name_ordered, classes=None if classes is None else tuple(classes))
 
 
 def warn_if_name_ordered(shards: ShardSet) -> None:

@@ -11,7 +11,13 @@ Choices the paper leaves open, made here:
 - Held-out videos (data.val_fraction, seeded, by video) stay in the batches but out of the loss; the
   same forward's loss on them is the validation loss that early stopping watches (trainer.step).
 - SDC's uniform sampling over clusters is a per-sample loss weight 1/cluster size (trainer.step);
-  empty clusters are re-seeded by faiss, which splits a large cluster into every empty one.
+  empty clusters are re-seeded as faiss does (a perturbed copy of a large cluster), while k-means trains
+  on its sample and again after the assignment of every video (clustering.reseed_empty).
+- On N ranks the loss is normalised over the global batch and rank 0's BatchNorm statistics are copied
+  to every rank after each epoch, so N ranks of b clips step as one process on N x b clips
+  (trainer.step) and extraction never depends on the rank; the lr scales with N (trainer.optim).
+- A retrain run (the paper's 32-frame protocol) has no clustering: it learns the last assignment of
+  a finished run (trainer.retrain) with one encoder, from random weights.
 - After the last iteration the final encoders' features are extracted and clustered once more (and
   probed), so the report shows what the run ends with, next to iteration 0's random encoders.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -72,7 +79,8 @@ def run(recipe: Recipe, *, resume: bool = True, progress: Progress | None = None
         if state.labels is None:
             # Features of every training video from the current encoders (-> Zarr, one row per video)
             store = extract(s, f"it{it:03d}", it) if needs_features(recipe) else None
-            # k-means of each view the method needs, on rank 0; labels broadcast (superv: true labels)
+            # k-means of each view the method needs, on rank 0; labels broadcast (superv: true labels;
+            # retrain: the finished run's last assignment)
             state.labels = make_labels(s, store, it)
             # A linear probe of these features on the true labels (iteration 0: random encoders)
             probe(s, store, it)
@@ -176,7 +184,7 @@ def open_session(recipe: Recipe, *, resume: bool, progress: Progress | None) -> 
         )
     check_k(recipe, catalog)
     held = held_out_videos(catalog.num_videos, recipe.data.val_fraction, recipe.seed)
-    fixed, classes = fixed_labels(recipe, catalog)
+    fixed, classes = fixed_labels(recipe, shards, catalog)
     learner = build_learner(recipe, classes)
     if recipe.retrain is not None and recipe.retrain.init == "final":
         enc = recipe.retrain.encoder
@@ -253,14 +261,16 @@ def held_out_videos(n: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def fixed_labels(recipe: Recipe, catalog: Catalog) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def fixed_labels(
+    recipe: Recipe, shards: ShardSet, catalog: Catalog
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Labels no clustering makes (superv: the true classes; retrain: the source run's last assignment),
     and the classes each label view has: the heads' sizes."""
     if recipe.retrain is not None:
         assignment = last_assignment(recipe, catalog)
         return assignment.labels, assignment.classes
     if recipe.clustering is None:
-        return {"true": true_labels(catalog)}, {"true": num_classes(recipe, catalog)}
+        return {"true": true_labels(catalog)}, {"true": num_classes(shards, catalog)}
     return {}, {view: recipe.clustering.k_for(view) for view in recipe.views}
 
 
@@ -272,16 +282,11 @@ def true_labels(catalog: Catalog) -> np.ndarray:
     return catalog.labels.astype(np.int32)
 
 
-def num_classes(recipe: Recipe, catalog: Catalog) -> int:
-    """Superv's classes: those of dataset.json (else the largest label + 1)."""
-    meta = Path(recipe.data.shards) / "dataset.json"
-    try:
-        classes = json.loads(meta.read_text()).get("classes")
-    except (OSError, ValueError, AttributeError):
-        classes = None
+def num_classes(shards: ShardSet, catalog: Catalog) -> int:
+    """Superv's classes: those dataset.json lists (else, in a folder without one, the largest label + 1)."""
     values = catalog.label_values if catalog.multi_label else catalog.labels
     largest = int(values.max()) + 1 if values.size else 0
-    return max(len(classes), largest) if isinstance(classes, list) else largest
+    return largest if shards.classes is None else max(len(shards.classes), largest)
 
 
 def build_learner(recipe: Recipe, classes: Mapping[str, int]) -> Learner:
@@ -437,7 +442,7 @@ def label_tables(s: Session, routed: Mapping[HeadKey, np.ndarray]) -> LabelTable
     keys = s.learner.head_keys
     multi_hot = None
     if s.catalog.multi_label and s.recipe.clustering is None and s.recipe.retrain is None:  # superv
-        targets = partial(s.catalog.multi_hot, num_classes=num_classes(s.recipe, s.catalog))
+        targets = partial(s.catalog.multi_hot, num_classes=num_classes(s.shards, s.catalog))
         multi_hot = dict.fromkeys(keys, targets)
     return LabelTables(s.catalog.videos, {key: routed[key] for key in keys}, s.held_out, weights, multi_hot)
 
@@ -466,16 +471,21 @@ def probe(s: Session, store: FeatureStore | None, iteration: int) -> None:
     train_rows = np.sort(rng.permutation(train_rows)[:PROBE_ROWS])
     test_rows = np.sort(rng.permutation(test_rows)[:PROBE_ROWS])
     if train_catalog.multi_label:
-        classes = num_classes(s.recipe, train_catalog)
+        classes = num_classes(s.shards, train_catalog)
         train_y, test_y = (
             train_catalog.multi_hot(train_rows, classes),
             test_catalog.multi_hot(test_rows, classes),
         )
-        fit, metric, enough = partial(multilabel_probe, device=s.device), "map", bool(test_y.any())
+        fit, metric = partial(multilabel_probe, device=s.device), "map"
+        lacking = None if test_y.any() else "no test video has a class"
     else:
         train_y, test_y = train_catalog.labels[train_rows], test_catalog.labels[test_rows]
-        fit, metric, enough = linear_probe, "accuracy", len(np.unique(train_y)) >= 2
-    if len(test_rows) == 0 or not enough:
+        fit, metric = linear_probe, "accuracy"
+        lacking = None if len(np.unique(train_y)) >= 2 else "the training videos hold fewer than 2 classes"
+    lacking = f"no labelled test video ({split})" if len(test_rows) == 0 else lacking
+    if lacking is not None:  # said, not dropped: the report has no probe row for this iteration
+        s.logger.log("probe_skipped", s.state.step, iteration=iteration, reason=lacking, split=split)
+        warnings.warn(f"probe of iteration {iteration} skipped: {lacking}", stacklevel=2)
         return
     for modality in store.modalities:
         x_train, x_test = (
@@ -677,7 +687,15 @@ def save(s: Session, state: State) -> None:
         if state.epoch == 0 and not s.recipe.run.keep_features:  # the labels are safe: older stores unneeded
             for old in (s.run_dir / "features").glob("it*.zarr"):
                 if old.name < f"it{state.iteration:03d}":
-                    shutil.rmtree(old, ignore_errors=True)
+                    remove_store(old)
+
+
+def remove_store(path: Path) -> None:
+    """Delete a feature store no longer needed; a failure is warned about (the run need not stop for it)."""
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        warnings.warn(f"{path}: could not delete an old feature store ({e}); delete it by hand", stacklevel=2)
 
 
 def encoder_config(recipe: Recipe) -> dict[str, Any]:
@@ -799,10 +817,13 @@ def finish(s: Session, state: State) -> RunResult:
 
 def finished_result(run_dir: Path, recipe: Recipe) -> RunResult | None:
     """The result of a run that already finished with this recipe, or None."""
+    path = run_dir / RESULT_FILE
     try:
-        doc = json.loads((run_dir / RESULT_FILE).read_text())
-    except (OSError, ValueError):
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e}); delete it to let the run finish again") from None
     if doc.get("digest") != recipe_digest(recipe):
         return None
     return RunResult(Path(doc["run_dir"]), Path(doc["report"]), doc["iterations"], doc["seconds"], True)

@@ -30,11 +30,15 @@ def shard_set(shards: Path) -> Path:
 
 
 def shard_class_names(set_dir: Path) -> list[str] | None:
-    """Class names from the `dataset.json` beside the set folders (docs/shard-format.md), if there is one."""
-    try:
-        classes = json.loads((set_dir.parent / "dataset.json").read_text()).get("classes")
-    except (OSError, ValueError, AttributeError):
+    """Class names from the `dataset.json` beside the set folders (docs/shard-format.md), if there is one;
+    DataError when it is there but unreadable."""
+    meta = set_dir.parent / "dataset.json"
+    if not meta.is_file():
         return None
+    try:
+        classes = json.loads(meta.read_text()).get("classes")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{meta}: unreadable ({type(e).__name__}: {e})") from None
     return classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
 
 
