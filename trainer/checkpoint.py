@@ -12,6 +12,7 @@ the largest (iteration, epoch); files being written are hidden (`.name.tmp-*`) u
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -57,7 +58,11 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, digest
     state = dict(state)
     check_safe(state)
     payload = {"format": FORMAT, "digest": digest, "state": state}
-    return write_atomic(path, lambda f: torch.save(payload, f))
+    # Serialised in memory first: torch's zip writer turns a refused write (disk full) into a bare
+    # RuntimeError; writing the bytes keeps the OSError, so the run fails with one line naming the file.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | os.PathLike, *, digest: str | None = None) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from xdctools.errors import naming
+
 
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside `directory` durable: without it a power cut can undo the rename."""
@@ -46,6 +48,9 @@ def write_atomic(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise naming(e, path) from e  # a refused write (disk full) names the file it was for
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

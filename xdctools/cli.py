@@ -7,6 +7,7 @@ import importlib
 import click
 
 from xdctools import __version__
+from xdctools.errors import disk_full
 
 # name -> "module:attribute"; modules import heavy dependencies (torch, DALI) only when run.
 COMMANDS: dict[str, str] = {
@@ -36,6 +37,16 @@ class LazyGroup(click.Group):
             return None
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
+
+    def invoke(self, ctx: click.Context) -> object:
+        """A write the disk refused, wherever it happens, ends as one line with its own exit code (7)."""
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            error = disk_full(e)
+            if error is None:
+                raise
+            raise error from e
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

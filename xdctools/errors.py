@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import click
 
 
@@ -33,3 +35,33 @@ class DependencyError(XdcError):
     """A required external tool or package is missing (names how to install it)."""
 
     exit_code = 6
+
+
+class DiskFullError(XdcError):
+    """The disk (or a file-size limit) refused a write: nothing half-written is left under a final name,
+    so freeing space and running the same command again resumes."""
+
+    exit_code = 7
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def disk_full(error: OSError) -> DiskFullError | None:
+    """The one-line error for a write the disk refused (no space, file too large, quota), else None."""
+    if error.errno not in DISK_FULL_ERRNOS:
+        return None
+    where = f"{error.filename}: " if error.filename else ""
+    return DiskFullError(
+        f"{where}cannot write ({error.strerror}); free space (or raise the file-size limit) and run the "
+        "same command again (nothing half-written was kept)"
+    )
+
+
+def naming(error: OSError, path: object) -> OSError:
+    """`error` naming `path` when it names no file (a write refused mid-file names none), same errno."""
+    if error.filename is not None:
+        return error
+    named = OSError(error.errno, error.strerror, str(path))
+    named.__cause__ = error
+    return named

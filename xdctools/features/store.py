@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from xdctools.errors import ConfigError, DataError, InputError
+from xdctools.errors import ConfigError, DataError, InputError, naming
 
 FORMAT = "xdctools-features"
 VERSION = 1
@@ -158,10 +158,13 @@ class FeatureStore:
         if count == 0:
             return
         stop = start + count
-        for m in self.modalities:
-            self.group[m][start:stop] = arrays[m]
-        self.group[INDEX][start:stop] = index.astype(np.int64, copy=False)
-        self._mark_written(start, stop)
+        try:
+            for m in self.modalities:
+                self.group[m][start:stop] = arrays[m]
+            self.group[INDEX][start:stop] = index.astype(np.int64, copy=False)
+            self._mark_written(start, stop)  # last: a refused write leaves its rows unwritten, to redo
+        except OSError as e:
+            raise naming(e, self.path) from e
 
     def _mark_written(self, start: int, stop: int) -> None:
         self.group[WRITTEN][start:stop] = 1
@@ -249,6 +252,9 @@ def write_folder(out: Path, write: Callable[[Path], None], *, overwrite: bool = 
         tmp.mkdir()
         write(tmp)
         _replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise naming(e, out) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
