@@ -29,6 +29,7 @@ from trainer.data import (
     train_loader,
     warn_if_name_ordered,
 )
+from trainer.extract import read_catalog
 from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import ConfigError, DataError
 from xdctools.shard import format as fmt
@@ -217,6 +218,26 @@ def test_broken_shards_are_named(synth: Path, tmp_path: Path) -> None:
     fails(f"{tars[0]}: truncated shard", tars[:1])
     write_bytes_atomic(tars[0], b"\0" * 200_000)
     fails(f"{tars[0]}: not a tar archive", tars[:1])
+
+
+def test_a_broken_npy_member_is_named_though_dali_does_not_say_which(synth: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "shards"
+    shutil.copytree(synth, copy)
+    tar = sorted((copy / "train").glob("*.tar"))[0]
+    key, members = parse_index(tar.with_suffix(".idx").read_text())[0]
+    raw = bytearray(tar.read_bytes())
+    offset, _ = members[fmt.MEL_EXT]
+    raw[offset : offset + 64] = bytes(64)  # the header of a mel: DALI's numpy decoder names no sample
+    write_bytes_atomic(tar, bytes(raw))
+    loader = train_loader(check_shards([tar]), batch_size=2, epoch_size=2, clip=SMALL, run=Runtime())
+    with pytest.raises(DataError, match=re.escape(f"{tar}: member {key}.mel.npy cannot be read: not an npy")):
+        list(loader)
+    del loader
+    offset, size = members[fmt.INFO_EXT]
+    raw[offset : offset + size] = bytes(size)  # the catalog's own read of the info members
+    write_bytes_atomic(tar, bytes(raw))
+    with pytest.raises(DataError, match=re.escape(f"{tar}: member {key}.info.npy cannot be read")):
+        read_catalog(check_shards([tar]))
 
 
 def test_h264_shards_need_the_gpu(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ Batches are dicts of torch tensors:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -623,7 +624,33 @@ def _read_error(shards: ShardSet, e: Exception) -> DataError:
     found = _SOURCE.search(str(e))
     if found:
         return DataError(f"{found[1]}: member {found[2]} cannot be read: {_first(e)}")
+    broken = broken_npy_member(shards)  # DALI's numpy decoder does not say which sample it choked on
+    if broken is not None:
+        tar, member, reason = broken
+        return DataError(f"{tar}: member {member} cannot be read: {reason} (DALI: {_first(e)})")
     return DataError(f"{shards.tars[0].parent}: reading the shards failed: {_first(e)}")
+
+
+def broken_npy_member(shards: ShardSet) -> tuple[Path, str, str] | None:
+    """The first npy member (mel, info, labels) whose header numpy cannot read: (tar, member, reason).
+
+    Run only after a read failed: one seek and a few hundred bytes per member, through the .idx offsets.
+    """
+    for tar, idx in zip(shards.tars, shards.indexes, strict=True):
+        with open(tar, "rb") as f:
+            for key, members in parse_index(idx.read_text()):
+                for ext, (offset, _size) in members.items():
+                    if not ext.endswith(".npy"):
+                        continue
+                    f.seek(offset)
+                    head = io.BytesIO(f.read(4096))
+                    try:
+                        if np.lib.format.read_magic(head) != (1, 0):
+                            raise ValueError("not npy version 1.0, the one DALI reads")
+                        np.lib.format.read_array_header_1_0(head)
+                    except ValueError as e:
+                        return tar, f"{key}.{ext}", f"not an npy array ({e})"
+    return None
 
 
 def _first(e: Exception) -> str:

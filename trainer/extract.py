@@ -139,19 +139,22 @@ def read_catalog(shards: ShardSet) -> Catalog:
     offsets, values = array("q", [0]), array("q")  # per-sample label lists, 8 bytes a label
     multi = False
     for tar, idx in zip(shards.tars, shards.indexes, strict=True):
+        where = "its index"
         try:
             entries = parse_index(idx.read_text())
             with open(tar, "rb") as f:
-                for _key, members in entries:
+                for key, members in entries:
+                    where = f"member {key}.{fmt.INFO_EXT}"
                     info = fmt.decode_int64_vector(_member(f, members[fmt.INFO_EXT]))
                     videos.append(int(info[fmt.INFO["video"]]))
                     labels.append(int(info[fmt.INFO["label"]]))
                     if fmt.LABELS_EXT in members:
+                        where = f"member {key}.{fmt.LABELS_EXT}"
                         values.frombytes(fmt.decode_labels(_member(f, members[fmt.LABELS_EXT])).tobytes())
                         multi = True
                     offsets.append(len(values))
         except (OSError, ValueError, KeyError, IndexError) as e:
-            raise DataError(f"{tar}: cannot read the info members ({type(e).__name__}: {e})") from None
+            raise DataError(f"{tar}: {where} cannot be read ({type(e).__name__}: {e})") from None
     lists = (np.frombuffer(offsets, dtype=np.int64), np.frombuffer(values, dtype=np.int64)) if multi else None
     return catalog_from(
         np.array(videos, dtype=np.int64),
