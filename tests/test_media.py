@@ -16,14 +16,21 @@ from xdctools.errors import ConfigError, InputError
 from xdctools.shard import format as fmt
 from xdctools.shard.jobs import Job
 from xdctools.shard.media import (
+    AUDIO_FILE,
+    REASON_KINDS,
     JobResult,
     MediaFailure,
+    build_command,
+    check_ffmpeg,
     cut_frames,
+    os_failure,
+    output_fps,
     output_size,
     probe,
     probe_summary,
     process_job,
     pyav_summary,
+    run_ffmpeg,
     run_ffprobe,
     segment_counts,
     summarize,
@@ -346,7 +353,37 @@ def test_attached_picture_is_not_a_video_stream(tmp_path: Path, media_dir: Path)
 
 def test_timeout_is_a_reason(media_dir: Path) -> None:
     result = process_job(job_for(media_dir, "edge/cockatoo.mp4"), ShardParams(short_side=64, timeout_s=0.05))
-    assert result.reason == "timeout"
+    assert result.reason == "timeout" and REASON_KINDS[result.reason] == "transient"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_ffmpeg_is_disk_full_though_ffmpeg_exits_0(media_dir: Path, tmp_path: Path) -> None:
+    """The real pass of one clip, its audio output on a device that is always full (ENOSPC): ffmpeg exits 0
+    with truncated outputs, and only its stderr says so (before, such a clip was stored as if whole)."""
+    job = job_for(media_dir, "edge/big_buck_bunny_432_433.webm")
+    summary = probe_summary(job.path, 60)
+    fps = output_fps(summary, SMALL)
+    size = output_size(
+        **{k: summary["video"][k] for k in ("width", "height", "sar", "rotation")}, short_side=64
+    )
+    (tmp_path / AUDIO_FILE).symlink_to("/dev/full")
+    code, stderr = run_ffmpeg(build_command(job.path, summary, job, SMALL, fps, size), str(tmp_path), 60)
+    assert code == 0
+    with pytest.raises(MediaFailure) as failed:
+        check_ffmpeg(code, stderr, job, summary, audio_required=False)
+    assert failed.value.reason == "disk_full" and REASON_KINDS["disk_full"] == "transient"
+    assert failed.value.detail.endswith(f"{AUDIO_FILE}: No space left on device")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_machine_limits_raised_in_python_are_transient_and_other_errors_are_not(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as full:
+        Path("/dev/full").write_bytes(b"x" * 8192)  # ENOSPC, for real
+    assert os_failure(full.value).reason == "disk_full"
+    assert os_failure(MemoryError()).reason == "out_of_memory"
+    with pytest.raises(OSError) as absent:
+        (tmp_path / "missing" / "x").write_bytes(b"")
+    assert os_failure(absent.value) is None  # ENOENT: the run stops, the file is not blamed
 
 
 def test_probe_summary_and_errors(media_dir: Path) -> None:

@@ -26,7 +26,7 @@ from xdctools.shard import format as fmt
 from xdctools.shard.media import process_job
 from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan
-from xdctools.shard.run import Summary, make_units, node_units, run_shard
+from xdctools.shard.run import InternalError, Summary, make_units, node_units, run_shard
 
 SHORT_SIDE = 64
 # Inputs whose failure reason is known from the file itself (with audio optional).
@@ -336,17 +336,17 @@ def explode_on_empty(job, params):
     return process_job(job, params)
 
 
-def test_a_processor_that_raises_is_a_reported_failure(tree: Path, tmp_path: Path):
+def test_a_processor_that_raises_stops_the_run_and_blames_no_file(tree: Path, tmp_path: Path):
     plan = build_plan(tree)
     plan = dataclasses.replace(plan, sets={"train": plan.sets["train"][1:3]})  # a clip and empty.mp4
     with tqdm(file=io.StringIO()) as bar:
-        summary = run_shard(
-            plan, ShardParams(short_side=SHORT_SIDE), tmp_path, progress=bar, process=explode_on_empty
-        )
-        assert (bar.n, bar.total) == (2, 2)
-    assert summary.ok == 1 and summary.failed == {"processing_error": 1}
-    (error,) = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
-    assert error["path"].endswith("empty.mp4") and error["detail"] == "RuntimeError: boom"
+        with pytest.raises(InternalError, match=r"empty\.mp4: internal error while processing it") as raised:
+            run_shard(
+                plan, ShardParams(short_side=SHORT_SIDE), tmp_path, progress=bar, process=explode_on_empty
+            )
+        assert (bar.n, bar.total) == (1, 2)  # the clip before it was done; nothing after
+    assert "(RuntimeError: boom)" in str(raised.value) and isinstance(raised.value.__cause__, RuntimeError)
+    assert sorted(output_files(tmp_path)) == ["params.json"]  # no marker, no errors.jsonl, no tar, no .tmp
 
 
 # --- the command ------------------------------------------------------------------------------

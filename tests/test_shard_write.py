@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -10,7 +14,39 @@ import pytest
 from wds2idx import IndexCreator
 
 from xdctools.shard import format as fmt
-from xdctools.shard.write import ShardWriter, check_sample, closed_tar_bytes, sample_tar_bytes
+from xdctools.shard.write import RECORD, ShardWriter, check_sample, closed_tar_bytes, sample_tar_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+# Writes one unit (3 videos of 2 segments of uneven sizes) under each file-size limit given, in one process.
+# Python ignores SIGXFSZ: past the limit its writes fail with EFBIG. Prints, per limit, the error or None
+# and the files left in that limit's folder.
+LIMITED_WRITER = """
+import json, resource, sys
+from pathlib import Path
+from xdctools.errors import XdcError
+from xdctools.shard.write import ShardWriter
+
+base = Path(sys.argv[1])
+videos = [[[(f"v{v}_s{s}.cls", b"1"), (f"v{v}_s{s}.webm", bytes([v]) * (5000 * v + 777 * s + 1))]
+           for s in range(2)] for v in range(1, 4)]
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+report = []
+for limit in map(int, sys.argv[2:]):
+    folder = base / str(limit)
+    folder.mkdir()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with ShardWriter(folder, "train-000000") as writer:
+            for samples in videos:
+                writer.write_video(samples)
+        error = None
+    except XdcError as e:  # DiskFullError past the limit
+        error = e.message
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    report.append([limit, error, sorted(p.name for p in folder.iterdir())])
+print(json.dumps(report))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +162,36 @@ def test_check_sample():
     assert check_sample([("v1_a_s000.cls", b"1"), ("v1_a_s000.mel.npy", b"")]) == "v1_a_s000"
     with pytest.raises(ValueError, match="no extension"):
         check_sample([("noext", b"")])
+
+
+def test_a_write_past_a_file_size_limit_fails_in_one_line_and_leaves_nothing(tmp_path: Path):
+    """Real EFBIG: a subprocess lowers its RLIMIT_FSIZE; the write fails while adding a sample, while
+    closing the tar (its end blocks and record padding), or not at all."""
+    size = closed_tar_bytes(sum(sample_tar_bytes(s) for v in range(1, 4) for s in _limited_video(v)))
+    limits = [1, 4096, 20_000, size - RECORD - 1, size - 1, size]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", LIMITED_WRITER, str(tmp_path), *map(str, limits)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(proc.stdout)
+    tar = tmp_path / "{}" / "train-000000-00.tar"
+    for limit, error, files in report[:-1]:
+        assert error == (
+            f"{str(tar).format(limit)}: cannot write (File too large); free space (or raise the file-size "
+            "limit) and run the same command again (nothing half-written was kept)"
+        ), limit
+        assert files == [], limit  # neither the .tmp nor a final name
+    assert report[-1] == [size, None, ["train-000000-00.idx", "train-000000-00.tar"]]
+    assert (tmp_path / str(size) / "train-000000-00.tar").stat().st_size == size
+
+
+def _limited_video(v: int) -> list[list[tuple[str, bytes]]]:
+    """Video v of LIMITED_WRITER."""
+    return [
+        [(f"v{v}_s{s}.cls", b"1"), (f"v{v}_s{s}.webm", bytes([v]) * (5000 * v + 777 * s + 1))]
+        for s in range(2)
+    ]

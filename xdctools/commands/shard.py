@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from xdctools.errors import XdcError
+from xdctools.errors import DataError, DependencyError, XdcError
 from xdctools.shard.plan import KINDS
 
 if TYPE_CHECKING:
@@ -53,25 +55,51 @@ def parse_split(value: str | None) -> list[int] | str | None:
     return ids
 
 
+KIND_NOTES = {"media": "", "transient": " (the next run retries them)"}
+
+
 def format_summary(summary: Summary, out_dir: Path) -> str:
-    """The closing lines: ok / failed by reason / hours / GB, and where the details are."""
-    by_count = sorted(summary.failed.items(), key=lambda kv: (-kv[1], kv[0]))
+    """The closing lines: ok / failed per kind and reason / hours / GB, and where the details are."""
     lines = [
         f"ok: {summary.ok} videos, {summary.hours:.2f} h of video, {summary.bytes / 1e9:.3f} GB of shards",
-        f"failed: {sum(summary.failed.values()) + summary.missing}",
-        *(f"  {reason}: {n}" for reason, n in by_count),
+        *failure_lines(summary),
+        f"units: {summary.units_written} written now ({summary.units_retried} of them retried), "
+        f"{summary.units_skipped} already complete ({summary.shards_written} tar files written)",
     ]
-    if summary.missing:
-        lines.append(f"  annotated but not found: {summary.missing}")
-    lines.append(
-        f"units: {summary.units_written} written now, {summary.units_skipped} already complete "
-        f"({summary.shards_written} tar files written)"
-    )
     if summary.complete:
         lines += [f"dataset: {summary.dataset_path}", f"errors: {summary.errors_path}"]
     else:
         lines.append(f"this node is done; {out_dir}/dataset.json is written when every node is done")
     return "\n".join(lines)
+
+
+def failure_lines(summary: Summary) -> list[str]:
+    """failed: N of M (share), then each kind (always both) with its reasons, then missing files."""
+    failed = sum(summary.failed.values())
+    share = f" ({failed / summary.videos:.1%})" if summary.videos else ""
+    lines = [f"failed: {failed} of {summary.videos} videos{share}"]
+    for kind, reasons in summary.failed_by_kind().items():
+        lines.append(f"  {kind}: {sum(reasons.values())}{KIND_NOTES[kind] if reasons else ''}")
+        lines += [
+            f"    {reason}: {n}" for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
+    if summary.missing:
+        lines.append(f"annotated but not found: {summary.missing} (missing_file in errors.jsonl)")
+    return lines
+
+
+def close_bars(bars: list) -> None:
+    while bars:
+        bars.pop().close()
+
+
+def require_ffmpeg() -> None:
+    """ffmpeg and ffprobe on PATH, checked before any file: without them every file would fail."""
+    missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
+    if missing:
+        raise DependencyError(
+            f"{' and '.join(missing)}: not found on PATH; install ffmpeg (Debian: apt-get install ffmpeg)"
+        )
 
 
 @click.command("shard")
@@ -155,6 +183,28 @@ def format_summary(summary: Summary, out_dir: Path) -> str:
     "--node-rank", type=int, default=0, show_default=True, help="This machine's rank (Slurm array)."
 )
 @click.option("--num-nodes", type=int, default=1, show_default=True, help="Machines sharing the work.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds one file may take (probe and ffmpeg each); a file past it fails as timeout, a transient "
+    "failure the next run retries.",
+)
+@click.option(
+    "--max-failed",
+    type=click.FloatRange(0, 1),
+    default=0.05,  # run.DEFAULT_MAX_FAILED (not imported here: --help stays fast)
+    show_default=True,
+    help="Share of the inputs that may fail for a media reason (corrupt, too short, ...) before the command "
+    "exits 5.",
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Also retry the files that failed for a media reason (after you replaced them); transient "
+    "failures are always retried.",
+)
 def shard(
     root: Path,
     output: Path,
@@ -180,18 +230,23 @@ def shard(
     shard_bytes: int | None,
     node_rank: int,
     num_nodes: int,
+    timeout: float,
+    max_failed: float,
+    retry_failed: bool,
 ) -> None:
     """Re-encode the videos under ROOT into WebDataset shards that DALI streams.
 
     Each video becomes samples of up to --segment-frames frames (VP9 WebM, log-mel .npy, metadata); files
-    that cannot be used are listed with their reason in OUTPUT/errors.jsonl. Rerun the same command to
-    resume: complete shard units are kept.
+    that cannot be used are listed with their kind and reason in OUTPUT/errors.jsonl. Rerun the same
+    command to resume: complete shard units are kept, files that failed for a transient reason (timeout,
+    disk full, out of memory, ffmpeg killed) are retried. Exit 5 when transient failures are left or more
+    than --max-failed of the inputs failed for a media reason.
     """
     from tqdm import tqdm
 
     from xdctools.shard.params import ShardParams
     from xdctools.shard.plan import build_plan, shuffle_plan
-    from xdctools.shard.run import run_shard
+    from xdctools.shard.run import InternalError, failure_verdict, run_shard
 
     split_ids = parse_split(split)
     plan = build_plan(
@@ -215,7 +270,9 @@ def shard(
         crf=crf,
         ffmpeg_threads=ffmpeg_threads,
         audio_required=plan.audio_required if audio is None else audio == "required",
+        timeout_s=timeout,
     )
+    require_ffmpeg()
     bars: list[tqdm] = []  # created at the first report, so an early error prints no empty bar
 
     def progress(done: int, total: int, ok: int, failed: int) -> None:
@@ -235,10 +292,17 @@ def shard(
             node_rank=node_rank,
             num_nodes=num_nodes,
             progress=progress,
+            retry_failed=retry_failed,
         )
+    except InternalError as e:
+        close_bars(bars)
+        traceback.print_exception(e.__cause__)  # the bug's traceback (a worker's included), then one line
+        raise
     except OSError as e:
         raise XdcError(f"{e.filename or output}: {e.strerror or e}") from e
     finally:
-        for bar in bars:
-            bar.close()
+        close_bars(bars)
     click.echo(format_summary(summary, output))
+    verdict = failure_verdict(summary, max_failed)
+    if verdict:
+        raise DataError(f"{summary.errors_path or output}: {verdict}")

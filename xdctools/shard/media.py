@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
 import re
+import signal
 import struct
 import subprocess
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from xdctools.errors import InputError
+from xdctools.errors import DISK_FULL_ERRNOS, InputError
 from xdctools.shard import format as fmt
 from xdctools.shard.jobs import Job
 from xdctools.shard.mel import log_mel
@@ -31,7 +33,7 @@ try:  # PyAV is a runtime dependency (setup.py); an install without it still wor
 except ImportError:  # pragma: no cover - exercised only on installs without PyAV
     av = None
 
-# Failure reasons: stable strings, counted in dataset.json and written to errors.jsonl.
+# Failure reasons: stable strings, counted in dataset.json and written to errors.jsonl with their kind.
 EMPTY_FILE = "empty_file"
 UNREADABLE = "unreadable"
 NO_VIDEO_STREAM = "no_video_stream"
@@ -40,20 +42,43 @@ CORRUPT_STREAM = "corrupt_stream"
 NO_AUDIO = "no_audio"
 SILENT_AUDIO = "silent_audio"
 TOO_SHORT = "too_short"
-TIMEOUT = "timeout"
 FFMPEG_FAILED = "ffmpeg_failed"
-REASONS = (
-    EMPTY_FILE,
-    UNREADABLE,
-    NO_VIDEO_STREAM,
-    NOT_A_VIDEO,
-    CORRUPT_STREAM,
-    NO_AUDIO,
-    SILENT_AUDIO,
-    TOO_SHORT,
-    TIMEOUT,
-    FFMPEG_FAILED,
+FFMPEG_CRASHED = "ffmpeg_crashed"
+TIMEOUT = "timeout"
+FFMPEG_KILLED = "ffmpeg_killed"
+DISK_FULL = "disk_full"
+OUT_OF_MEMORY = "out_of_memory"
+
+# Kinds: a media failure is the input's (permanent: the same bytes fail the same way); a transient one is
+# the machine's (time, memory, disk), and the next run retries the file. See docs/shard.md.
+MEDIA = "media"
+TRANSIENT = "transient"
+REASON_KINDS = {
+    EMPTY_FILE: MEDIA,
+    UNREADABLE: MEDIA,
+    NO_VIDEO_STREAM: MEDIA,
+    NOT_A_VIDEO: MEDIA,
+    CORRUPT_STREAM: MEDIA,
+    NO_AUDIO: MEDIA,
+    SILENT_AUDIO: MEDIA,
+    TOO_SHORT: MEDIA,
+    FFMPEG_FAILED: MEDIA,  # ffmpeg exited with an error on this file: unsupported or undecodable
+    FFMPEG_CRASHED: MEDIA,  # ffmpeg died of its own fault (SIGSEGV, SIGABRT, ...): this file crashes it again
+    TIMEOUT: TRANSIENT,
+    FFMPEG_KILLED: TRANSIENT,  # stopped from outside: SIGKILL (out-of-memory killer), SIGTERM, a CPU limit
+    DISK_FULL: TRANSIENT,  # ENOSPC, EFBIG, EDQUOT; ffmpeg killed by SIGXFSZ (a file-size limit)
+    OUT_OF_MEMORY: TRANSIENT,  # MemoryError, ENOMEM
+}
+REASONS = tuple(REASON_KINDS)
+# Signals that stop ffmpeg from outside (the file is not to blame); SIGXFSZ is a file-size limit: disk full.
+STOP_SIGNALS = frozenset(
+    {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGXCPU}
 )
+FFMPEG_SIGNAL_EXIT = 255  # ffmpeg's exit code after it caught SIGTERM, SIGINT, SIGQUIT or SIGXCPU
+# What ffmpeg prints at the end of a line when a write fails; it may still exit 0 (measured: ffmpeg 5.1 on a
+# full device prints "Error writing trailer of audio.f32: No space left on device" and exits 0). Its "Cannot
+# allocate memory" is left out: libav says it for absurd sizes read from corrupt files too (a media failure).
+DISK_FULL_ERRORS = tuple(os.strerror(code) for code in sorted(DISK_FULL_ERRNOS))
 
 SILENCE_DBFS = -70.0  # an audio track whose RMS is below this is digitally silent
 DEFAULT_FPS = Fraction(25)  # ffmpeg's own default, for streams that state no rate at all
@@ -87,7 +112,7 @@ class JobResult:
 
 
 class MediaFailure(Exception):
-    """A bad input file: carries a stable reason and a detail line."""
+    """One input file failed: a stable reason (its kind in REASON_KINDS, media or transient) and a detail."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -130,7 +155,10 @@ def run_ffprobe(path: str | os.PathLike, timeout_s: float) -> dict:
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise MediaFailure(TIMEOUT, f"ffprobe took more than {timeout_s:g} s") from None
+        raise MediaFailure(TIMEOUT, f"ffprobe took more than {timeout_s:g} s (--timeout)") from None
+    stopped = stopped_failure(proc.returncode, "ffprobe")
+    if stopped is not None:
+        raise stopped
     if proc.returncode != 0:
         raise MediaFailure(
             UNREADABLE, _stderr_summary(proc.stderr, path) or f"ffprobe exit {proc.returncode}"
@@ -632,7 +660,7 @@ def run_ffmpeg(args: list[str], cwd: str, timeout_s: float) -> tuple[int, str]:
     try:
         proc = subprocess.run(args, cwd=cwd, capture_output=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise MediaFailure(TIMEOUT, f"ffmpeg took more than {timeout_s:g} s") from None
+        raise MediaFailure(TIMEOUT, f"ffmpeg took more than {timeout_s:g} s (--timeout)") from None
     return proc.returncode, proc.stderr.decode("utf-8", "replace")
 
 
@@ -646,20 +674,33 @@ class Transcoded:
 
 
 def process_job(job: Job, params: ShardParams) -> JobResult:
-    """Turn one input file into its samples, or into a failure reason (never raises for a bad file)."""
+    """Turn one input file into its samples, or into a failure reason.
+
+    Never raises for a bad file (a media reason) or for a lack of time, memory or disk (a transient one);
+    any other exception is a bug of ours and propagates, so the run stops instead of blaming the file.
+    """
     try:
-        summary = probe_summary(job.path, params.timeout_s)
-        check_source(summary, job, params)
-        fps = None if job.audio_only else output_fps(summary, params)
-        size = (0, 0) if job.audio_only else output_size(**_size_args(summary), short_side=params.short_side)
-        args = build_command(os.path.abspath(job.path), summary, job, params, fps or Fraction(1), size)
-        with tempfile.TemporaryDirectory(prefix="xdc-job-") as tmp:
-            code, stderr = run_ffmpeg(args, tmp, params.timeout_s)
-            audio_errors = check_ffmpeg(code, stderr, job, summary, params.audio_required)
-            out = read_outputs(Path(tmp), summary["audio"] is not None)
-        return assemble(job, params, summary, fps, size, out, audio_errors=len(audio_errors))
+        return _process(job, params)
     except MediaFailure as exc:
         return JobResult(ok=False, reason=exc.reason, detail=exc.detail)
+    except (OSError, MemoryError) as exc:
+        failure = os_failure(exc)
+        if failure is None:
+            raise
+        return JobResult(ok=False, reason=failure.reason, detail=failure.detail)
+
+
+def _process(job: Job, params: ShardParams) -> JobResult:
+    summary = probe_summary(job.path, params.timeout_s)
+    check_source(summary, job, params)
+    fps = None if job.audio_only else output_fps(summary, params)
+    size = (0, 0) if job.audio_only else output_size(**_size_args(summary), short_side=params.short_side)
+    args = build_command(os.path.abspath(job.path), summary, job, params, fps or Fraction(1), size)
+    with tempfile.TemporaryDirectory(prefix="xdc-job-") as tmp:
+        code, stderr = run_ffmpeg(args, tmp, params.timeout_s)
+        audio_errors = check_ffmpeg(code, stderr, job, summary, params.audio_required)
+        out = read_outputs(Path(tmp), summary["audio"] is not None)
+    return assemble(job, params, summary, fps, size, out, audio_errors=len(audio_errors))
 
 
 def _size_args(summary: dict) -> dict:
@@ -668,11 +709,16 @@ def _size_args(summary: dict) -> dict:
 
 
 def check_ffmpeg(code: int, stderr: str, job: Job, summary: dict, audio_required: bool) -> list[str]:
-    """Decode errors in the kept stream -> corrupt_stream; any other failure -> ffmpeg_failed.
+    """A pass stopped from outside -> ffmpeg_killed or disk_full (what it left proves nothing about the
+    file); decode errors in the kept stream -> corrupt_stream; a failed write -> disk_full, even with
+    exit 0; any other failure -> ffmpeg_failed.
 
     Returns the decode errors of a video job's audio stream: ffmpeg fills the rejected packets with
     silence, so that audio is damaged (the job fails when audio is required; else it is dropped).
     """
+    stopped = stopped_failure(code, "ffmpeg")
+    if stopped is not None:
+        raise stopped
     kept = summary["audio"]["index"] if job.audio_only else summary["video"]["index"]
     errors = decode_errors(stderr, kept)
     if errors:
@@ -681,10 +727,53 @@ def check_ffmpeg(code: int, stderr: str, job: Job, summary: dict, audio_required
     audio_errors = [] if audio is None else decode_errors(stderr, audio["index"])
     if audio_errors and audio_required:
         raise MediaFailure(CORRUPT_STREAM, f"audio: {len(audio_errors)} decode error(s): {audio_errors[0]}")
+    full = disk_full_failure(stderr)
+    if full is not None:
+        raise full
     if code != 0:
         detail = _stderr_summary(stderr.encode(), job.path, last=1) or f"ffmpeg exit {code}"
         raise MediaFailure(FFMPEG_FAILED, detail)
     return audio_errors
+
+
+def stopped_failure(code: int, program: str) -> MediaFailure | None:
+    """The reason of a process that did not finish on its own, from its exit status; None otherwise.
+
+    Killed by SIGXFSZ (a file-size limit; Python ignores that signal, its children do not): disk_full.
+    Stopped from outside (SIGKILL, SIGTERM, ...; ffmpeg exits 255 after catching one): ffmpeg_killed.
+    Any other signal is a crash on this input (SIGSEGV, SIGABRT, ...): ffmpeg_crashed, a media reason.
+    """
+    if code == FFMPEG_SIGNAL_EXIT:
+        return MediaFailure(FFMPEG_KILLED, f"{program} exit {code}: it caught a signal and stopped")
+    if code >= 0:
+        return None
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return MediaFailure(FFMPEG_CRASHED, f"{program} killed by signal {-code}")
+    detail = f"{program} killed by {sig.name} (exit {code})"
+    if sig == signal.SIGXFSZ:
+        return MediaFailure(DISK_FULL, f"{detail}: a file-size limit was reached")
+    return MediaFailure(FFMPEG_KILLED if sig in STOP_SIGNALS else FFMPEG_CRASHED, detail)
+
+
+def disk_full_failure(stderr: str) -> MediaFailure | None:
+    """disk_full when a line of ffmpeg's stderr ends with a failed write's error, whatever its exit code."""
+    for line in stderr.splitlines():
+        if line.rstrip().endswith(tuple(f": {text}" for text in DISK_FULL_ERRORS)):
+            return MediaFailure(DISK_FULL, line.strip()[:400])
+    return None
+
+
+def os_failure(exc: BaseException) -> MediaFailure | None:
+    """disk_full or out_of_memory for an exception raised on this machine's limits; None for anything else."""
+    if isinstance(exc, MemoryError):
+        return MediaFailure(OUT_OF_MEMORY, f"MemoryError: {exc}" if str(exc) else "MemoryError")
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return MediaFailure(DISK_FULL, f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return MediaFailure(OUT_OF_MEMORY, str(exc))
+    return None
 
 
 def read_outputs(workdir: Path, has_audio_stream: bool) -> Transcoded:

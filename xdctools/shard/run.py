@@ -19,8 +19,8 @@ from xdctools import __version__
 from xdctools.errors import ConfigError, DataError, XdcError
 from xdctools.shard import format as fmt
 from xdctools.shard.jobs import Job, Plan
-from xdctools.shard.media import process_job
-from xdctools.shard.params import ShardParams
+from xdctools.shard.media import MEDIA, REASON_KINDS, TRANSIENT, process_job
+from xdctools.shard.params import OPERATIONAL, ShardParams
 from xdctools.shard.write import TMP_SUFFIX, ShardWriter, write_file
 
 DATASET_FORMAT_VERSION = 1
@@ -28,6 +28,12 @@ PARAMS_FILE = "params.json"
 DATASET_FILE = "dataset.json"
 ERRORS_FILE = "errors.jsonl"
 MARKER_SUFFIX = ".stats.json"
+MISSING_FILE = "missing_file"  # plan.py's reason for an annotated file not found on disk
+# Every reason a marker may hold, and its kind. processing_error was written by versions before the error
+# policy for an exception of our own code; it is read as transient, so the next run retries those files.
+RECORDED_KINDS = {**REASON_KINDS, MISSING_FILE: MEDIA, "processing_error": TRANSIENT}
+KINDS = (MEDIA, TRANSIENT)
+DEFAULT_MAX_FAILED = 0.05  # share of the inputs that may fail for a media reason before the command exits 5
 WINDOW_PER_WORKER = 4  # jobs in flight per worker: keeps workers busy past a slow file, memory bounded
 # Modules the default processor loads lazily on its first file (librosa.feature.spectral imports scipy.signal:
 # seconds per process). The fork server imports them once for all workers.
@@ -51,6 +57,15 @@ MEL_CONSTANTS = (
 
 Progress = Callable[[int, int, int, int], None]  # (done, total, ok, failed), or a tqdm bar
 Process = Callable[[Job, ShardParams], Any]  # returns a JobResult (ok, samples, reason, detail, meta)
+
+
+class InternalError(XdcError):
+    """An exception of our own code while a file was processed: the run stops, the file is not blamed.
+
+    Its `__cause__` holds the exception and its traceback (a worker's included); the command prints it.
+    """
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -77,29 +92,72 @@ class Summary:
     ok: int = 0
     failed: dict[str, int] = field(default_factory=dict)  # reason -> videos
     missing: int = 0  # annotated files not found on disk (the plan's, whichever node)
+    videos: int = 0  # inputs in this node's units: ok + failed
     hours: float = 0.0
     bytes: int = 0  # tar bytes in this node's units
     units_written: int = 0
     units_skipped: int = 0  # complete before this run started
+    units_retried: int = 0  # written again by this run for the failures an earlier run recorded
     shards_written: int = 0  # tar parts written by this run
     shards_skipped: int = 0
     complete: bool = False  # every unit of the plan (all nodes) is done and dataset.json written
     errors_path: Path | None = None
     dataset_path: Path | None = None
 
-
-@dataclass(frozen=True)
-class _Failure:
-    """Stands in for a JobResult when the processor itself raised (a bug, reported as a failure)."""
-
-    reason: str
-    detail: str
-    ok: bool = False
-    samples: tuple = ()
-    meta: dict = field(default_factory=dict)
+    def failed_by_kind(self) -> dict[str, dict[str, int]]:
+        """kind -> reason -> videos, every kind present (empty when none failed so)."""
+        out: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
+        for reason, n in sorted(self.failed.items()):
+            out[kind_of(reason)][reason] = n
+        return out
 
 
 # --- pure: units, parameters, records ---------------------------------------------------------
+
+
+def kind_of(reason: str) -> str:
+    """media or transient; a reason of another processor's own making is the file's (media)."""
+    return RECORDED_KINDS.get(reason, MEDIA)
+
+
+def with_kind(entry: dict) -> dict:
+    """A failure entry with `kind` just before `reason` (entries of older markers have none)."""
+    out = {}
+    for key, value in entry.items():
+        if key == "reason":
+            out["kind"] = entry.get("kind") or kind_of(value)
+        if key != "kind":
+            out[key] = value
+    return out
+
+
+def needs_retry(record: dict, retry_media: bool) -> bool:
+    """Whether a unit's record asks for it to be written again: a transient failure (any with retry_media)."""
+    kinds = {with_kind(failure)["kind"] for failure in record["failures"]}
+    return TRANSIENT in kinds or (retry_media and MEDIA in kinds)
+
+
+def failure_verdict(summary: Summary, max_failed: float = DEFAULT_MAX_FAILED) -> str | None:
+    """Why the run is not a success (the command exits 5), or None: a transient failure is left (the next
+    run retries it), or more than `max_failed` of the inputs failed for a media reason."""
+    by_kind = summary.failed_by_kind()
+    transient = sum(by_kind[TRANSIENT].values())
+    if transient:
+        return (
+            f"{transient} of {summary.videos} inputs failed for a transient reason "
+            f"({_reason_list(by_kind[TRANSIENT])}); run the same command again to retry them"
+        )
+    media = sum(by_kind[MEDIA].values())
+    if media > max_failed * summary.videos:
+        return (
+            f"{media} of {summary.videos} inputs ({media / summary.videos:.1%}) failed for a media reason "
+            f"({_reason_list(by_kind[MEDIA])}), more than --max-failed {max_failed:g}; see errors.jsonl"
+        )
+    return None
+
+
+def _reason_list(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def make_units(plan: Plan, shard_size: int) -> list[Unit]:
@@ -146,7 +204,7 @@ def run_parameters(
     """Everything that changes the bytes or the layout of the output (not workers, not the node split)."""
     return {
         "format_version": DATASET_FORMAT_VERSION,
-        "shard": params.to_dict(),
+        "shard": params.to_dict(output_only=True),
         "mel": mel_constants(),
         "info_fields": list(fmt.INFO_FIELDS),
         "shard_size": shard_size,
@@ -155,6 +213,13 @@ def run_parameters(
         "shuffle_seed": plan.shuffle_seed,
         "plan_sha256": plan_fingerprint(plan),
     }
+
+
+def comparable(parameters: dict) -> dict:
+    """Parameters as two runs compare them: without the operational fields (threads, timeout), which
+    folders written before they were left out still hold."""
+    shard = {k: v for k, v in parameters.get("shard", {}).items() if k not in OPERATIONAL}
+    return {**parameters, "shard": shard} if "shard" in parameters else parameters
 
 
 def parameter_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -193,9 +258,9 @@ def unit_record(unit: Unit, parts: list[dict], failures: list[dict], ok: int, se
 
 def error_lines(plan: Plan, records: list[dict]) -> list[dict]:
     """errors.jsonl: annotated-but-missing files first (plan order), then failures in plan order."""
-    lines = [{"set": None, "path": m.get("path"), "name": None, **m} for m in plan.missing]
+    lines = [with_kind({"set": None, "path": m.get("path"), "name": None, **m}) for m in plan.missing]
     for rec in records:
-        lines += [{"set": rec["set"], **failure} for failure in rec["failures"]]
+        lines += [with_kind({"set": rec["set"], **failure}) for failure in rec["failures"]]
     return lines
 
 
@@ -220,7 +285,7 @@ def dataset_record(plan: Plan, parameters: dict, records: list[dict]) -> dict:
     sets: dict[str, dict] = {}
     reasons: Counter[str] = Counter()
     for m in plan.missing:
-        reasons[m.get("reason", "missing")] += 1
+        reasons[m.get("reason", MISSING_FILE)] += 1
     for set_name, jobs in plan.sets.items():
         sets[set_name] = {
             "videos": len(jobs),
@@ -254,6 +319,9 @@ def dataset_record(plan: Plan, parameters: dict, records: list[dict]) -> dict:
         **label_fields(plan),
         "totals": totals,
         "failures_by_reason": dict(sorted(reasons.items())),
+        "failures_by_kind": {
+            kind: sum(n for r, n in reasons.items() if kind_of(r) == kind) for kind in KINDS
+        },
         "sets": sets,
         "files": [{"tar": shard["tar"], "idx": shard["idx"]} for s in sets.values() for shard in s["shards"]],
     }
@@ -286,7 +354,7 @@ def check_or_write_parameters(out_dir: Path, parameters: dict, node_rank: int) -
     elif any(out_dir.glob(f"*/*{MARKER_SUFFIX}")):
         raise DataError(f"{out_dir}: holds unit markers but no {PARAMS_FILE}; use another output directory")
     if old is not None:
-        diff = parameter_differences(old, parameters)
+        diff = parameter_differences(comparable(old), parameters)
         if diff:
             raise ConfigError(
                 f"{source}: output was made with different parameters ({'; '.join(diff[:4])}"
@@ -307,11 +375,17 @@ def _clear_unit(set_dir: Path, unit: Unit) -> None:
 
 
 def _call(process: Process, params: ShardParams, job: Job) -> Any:
-    """Runs in a worker: a processor that raises becomes a reported failure, not a dead run."""
-    try:
-        return process(job, params)
-    except Exception as e:
-        return _Failure("processing_error", f"{type(e).__name__}: {e}")
+    """Runs in a worker. An exception is not the file's failure: it reaches the parent, which stops."""
+    return process(job, params)
+
+
+def _internal_error(job: Job, exc: Exception) -> InternalError:
+    text = str(exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return InternalError(
+        f"{job.path}: internal error while processing it ({what}); a bug in xdctools, not a fault of the "
+        "file: the run stopped and recorded nothing against it"
+    )
 
 
 def _ordered_results(
@@ -321,7 +395,13 @@ def _ordered_results(
     call = functools.partial(_call, process, params)
     if workers <= 1:
         for job in jobs:
-            yield job, call(job)
+            try:
+                result = call(job)
+            except XdcError:
+                raise
+            except Exception as e:
+                raise _internal_error(job, e) from e
+            yield job, result
         return
     # Workers fork from a clean server process (not from this one, which may hold torch's threads) that
     # imported the processor's modules once, instead of once per worker.
@@ -342,6 +422,10 @@ def _ordered_results(
                     result = future.result()
                 except BrokenProcessPool as e:
                     raise XdcError(f"{job.path}: a worker process died while processing it ({e})") from e
+                except XdcError:
+                    raise
+                except Exception as e:  # the worker's traceback is its __cause__
+                    raise _internal_error(job, e) from e
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(call, nxt)))
@@ -354,11 +438,13 @@ def _ordered_results(
 
 
 def _failure_entry(job: Job, result: Any) -> dict:
+    reason = str(getattr(result, "reason", None) or "unknown")
     return {
         "index": job.index,
         "path": job.path,
         "name": job.name,
-        "reason": str(getattr(result, "reason", None) or "unknown"),
+        "kind": kind_of(reason),
+        "reason": reason,
         "detail": str(getattr(result, "detail", None) or ""),
     }
 
@@ -461,10 +547,13 @@ def run_shard(
     num_nodes: int = 1,
     progress: Progress | None = None,
     process: Process = process_job,
+    retry_failed: bool = False,
 ) -> Summary:
     """Shard this node's units of the plan into `out_dir`, skipping complete units; see docs/shard-format.md.
 
-    `process` must be picklable (a module-level function) when `workers > 1`.
+    A unit an earlier run completed with a transient failure is written again (with `retry_failed`, one
+    with any failure). An exception of the processor other than a failure it returns stops the run
+    (InternalError). `process` must be picklable (a module-level function) when `workers > 1`.
     """
     _check_args(shard_size, max_shard_bytes, workers, node_rank, num_nodes)
     progress = _as_callback(progress)
@@ -480,21 +569,9 @@ def run_shard(
 
     units = make_units(plan, shard_size)
     mine = node_units(units, node_rank, num_nodes)
-    summary = Summary(missing=len(plan.missing))
-    todo: list[Unit] = []
-    for unit in mine:
-        marker = out_dir / unit.marker
-        if marker.exists():
-            rec = _read_json(marker)
-            _add_record(summary, rec)
-            summary.units_skipped += 1
-            summary.shards_skipped += len(rec["parts"])
-        else:
-            todo.append(unit)
-    for set_name in {unit.set_name for unit in todo}:
-        (out_dir / set_name).mkdir(exist_ok=True)
-    for unit in todo:
-        _clear_unit(out_dir / unit.set_name, unit)
+    summary = Summary(missing=len(plan.missing), videos=sum(len(unit.jobs) for unit in mine))
+    todo = _units_to_write(out_dir, mine, summary, retry_failed)
+    _prepare(out_dir, todo)
 
     counts = _Counts(total=sum(len(unit.jobs) for unit in todo))
     if progress:
@@ -515,3 +592,33 @@ def run_shard(
         summary.errors_path = out_dir / ERRORS_FILE
         summary.dataset_path = out_dir / DATASET_FILE
     return summary
+
+
+def _units_to_write(out_dir: Path, mine: list[Unit], summary: Summary, retry_failed: bool) -> list[Unit]:
+    """This node's units without a marker, and those whose marker asks for a retry; the others are
+    counted into `summary` as they are."""
+    todo: list[Unit] = []
+    for unit in mine:
+        marker = out_dir / unit.marker
+        rec = _read_json(marker) if marker.exists() else None
+        if rec is not None and not needs_retry(rec, retry_failed):
+            _add_record(summary, rec)
+            summary.units_skipped += 1
+            summary.shards_skipped += len(rec["parts"])
+            continue
+        summary.units_retried += rec is not None
+        todo.append(unit)
+    return todo
+
+
+def _prepare(out_dir: Path, todo: list[Unit]) -> None:
+    """Make the sets' folders and clear what earlier attempts left of the units to write. A unit written
+    again loses its marker, and dataset.json and errors.jsonl, which describe it, go first."""
+    for set_name in {unit.set_name for unit in todo}:
+        (out_dir / set_name).mkdir(exist_ok=True)
+    if any((out_dir / unit.marker).exists() for unit in todo):
+        for name in (DATASET_FILE, ERRORS_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    for unit in todo:
+        (out_dir / unit.marker).unlink(missing_ok=True)
+        _clear_unit(out_dir / unit.set_name, unit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xdctools.atomic import write_bytes_atomic
+from xdctools.errors import XdcError, disk_full
 
 TAR_FORMAT = tarfile.GNU_FORMAT
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -19,6 +21,19 @@ TMP_SUFFIX = ".tmp"
 
 Member = tuple[str, bytes]  # (member name "KEY.ext", payload)
 Sample = Sequence[Member]
+
+
+class OutputError(XdcError):
+    """One of our own files could not be written for another reason than a full disk (permissions)."""
+
+    exit_code = 1
+
+
+def output_error(path: Path, exc: OSError) -> XdcError:
+    """A one-line error naming the file; the file is left under its temporary name or not at all. A full
+    disk or a file-size limit is `DiskFullError` (exit 7), as at every other stage."""
+    full = disk_full(OSError(exc.errno, exc.strerror, str(path)))
+    return full if full is not None else OutputError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 @dataclass(frozen=True)
@@ -97,18 +112,29 @@ def idx_text(samples: Sequence[Sequence[IdxEntry]]) -> str:
 
 def write_file(path: Path, data: bytes, *, tmp_suffix: str = TMP_SUFFIX) -> None:
     """Write atomically through `path + tmp_suffix`: a killed unit's leftovers then match its own name
-    pattern, which is how `run._clear_unit` finds them on resume."""
-    write_bytes_atomic(path, data, tmp=path.with_name(path.name + tmp_suffix))
+    pattern, which is how `run._clear_unit` finds them on resume. DiskFullError (or OutputError) when it
+    cannot be written."""
+    try:
+        write_bytes_atomic(path, data, tmp=path.with_name(path.name + tmp_suffix))
+    except OSError as e:
+        raise output_error(path, e) from e
 
 
 class _Part:
-    """An open `<name>.tar.tmp` and the index entries of what it holds so far."""
+    """An open `<name>.tar.tmp` and the index entries of what it holds so far.
+
+    A write that fails raises DiskFullError (or OutputError) naming the tar; `finish` then removes the
+    temporary file itself, `add` leaves that to `abort` (the writer's `with` block calls it).
+    """
 
     def __init__(self, directory: Path, name: str) -> None:
         self.tar_path = directory / f"{name}.tar"
         self.idx_path = directory / f"{name}.idx"
         self.tmp_path = self.tar_path.with_name(self.tar_path.name + TMP_SUFFIX)
-        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - open across add() calls
+        try:
+            self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - open across add() calls
+        except OSError as e:
+            raise output_error(self.tar_path, e) from e
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=TAR_FORMAT, encoding="utf-8")  # noqa: SIM115
         self.entries: list[list[IdxEntry]] = []
         self.videos = 0
@@ -120,23 +146,40 @@ class _Part:
     def add(self, sample: Sample) -> None:
         entries = []
         for name, data in sample:
-            self.tar.addfile(member_info(name, len(data)), io.BytesIO(data))
+            try:
+                self.tar.addfile(member_info(name, len(data)), io.BytesIO(data))
+            except OSError as e:
+                raise output_error(self.tar_path, e) from e
             # The data sits just before the end of what was written, whatever the header length was.
             entries.append((split_member(name)[1], self.tar.offset - padded(len(data)), len(data), name))
         self.entries.append(entries)
 
     def finish(self) -> PartInfo:
-        self.tar.close()  # end-of-archive blocks; leaves our file object open
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        size = self.file.tell()
-        self.file.close()
-        write_file(self.idx_path, idx_text(self.entries).encode())
-        os.replace(self.tmp_path, self.tar_path)
+        """Close the tar, write its index, then rename the tar: both final names hold whole files."""
+        try:
+            size = self._close_tar()
+            write_file(self.idx_path, idx_text(self.entries).encode())
+            os.replace(self.tmp_path, self.tar_path)
+        except BaseException:
+            self.abort()
+            raise
         return PartInfo(self.tar_path.name, self.idx_path.name, len(self.entries), self.videos, size)
 
+    def _close_tar(self) -> int:
+        try:
+            self.tar.close()  # end-of-archive blocks; leaves our file object open
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            size = self.file.tell()
+            self.file.close()
+        except OSError as e:
+            raise output_error(self.tar_path, e) from e
+        return size
+
     def abort(self) -> None:
-        self.file.close()
+        """Remove the temporary tar; closing may fail again (the buffer cannot be flushed to a full disk)."""
+        with contextlib.suppress(OSError):
+            self.file.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
@@ -166,18 +209,21 @@ class ShardWriter:
         size = sum(sample_tar_bytes(s) for s in samples)
         part = self._part
         if part is not None and self.max_bytes and closed_tar_bytes(part.offset + size) > self.max_bytes:
-            self.parts.append(part.finish())
-            part = self._part = None
+            self._finish_part()
+            part = None
         if part is None:
             part = self._part = _Part(self.directory, self._part_name())
         for sample in samples:
             part.add(sample)
         part.videos += 1
 
+    def _finish_part(self) -> None:
+        part, self._part = self._part, None  # a part that fails to finish has removed itself
+        if part is not None:
+            self.parts.append(part.finish())
+
     def close(self) -> list[PartInfo]:
-        if self._part is not None:
-            self.parts.append(self._part.finish())
-            self._part = None
+        self._finish_part()
         return self.parts
 
     def abort(self) -> None:
