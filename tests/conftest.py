@@ -70,3 +70,27 @@ def audioset_shards(tiny_shards: Path, splits_dir: Path) -> Path:
     plan = shuffle_plan(build_plan(root / "downloads", csv=csv), 0)
     run_shard(plan, ShardParams(short_side=64), root / "shards", shard_size=3, workers=2)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The finetuning tests' split set: 2 classes x 4 synth videos (2 s, 64x48) via a manifest, sets
+    split1-train (3+3) and split1-test (1+1), short side 48."""
+    from xdctools.shard.params import ShardParams
+    from xdctools.shard.plan import build_plan, shuffle_plan
+    from xdctools.shard.run import run_shard
+    from xdctools.synth import SynthParams, synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    made = synthesize(
+        root / "videos", SynthParams(classes=2, per_class=4, seconds=2.0, size=(64, 48)), workers=2
+    )
+    rows = ["path,label,set"]
+    for f in made.files:
+        rel = f.relative_to(root / "videos").as_posix()
+        test = f.stem.endswith("_0003")
+        rows.append(f"{rel},{rel.split('/')[0]},{'split1-test' if test else 'split1-train'}")
+    (root / "videos" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    plan = shuffle_plan(build_plan(root / "videos" / "manifest.csv"), 0)
+    run_shard(plan, ShardParams(short_side=48), root / "shards", shard_size=3, workers=1)
+    return root / "shards"

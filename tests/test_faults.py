@@ -6,9 +6,13 @@ undisturbed run produces. (The shard stage's faults are in test_shard_faults.py.
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,10 @@ from trainer.extract import extract_features
 from trainer.models import MultiHead, r2plus1d_18, resnet18_audio
 from trainer.step import Learner
 from xdctools.errors import DiskFullError
-from xdctools.features.store import open_store
+from xdctools.features.store import create_store, open_store
 from xdctools.recipe import parse_recipe
 
+ROOT = Path(__file__).resolve().parents[1]
 XDCTOOLS = Path(sys.executable).with_name("xdctools")
 
 
@@ -156,3 +161,125 @@ def test_a_checkpoint_write_on_a_full_disk_stops_the_run_in_one_line_and_it_resu
     assert run(["train", str(path), "--quiet", "--out", str(out)]).returncode == 0
     calm, resumed = (load_checkpoint(p / "encoders.pt")["model"] for p in (tmp_path / "calm", out))
     assert calm.keys() == resumed.keys() and all(torch.equal(calm[k], resumed[k]) for k in calm)
+
+
+# --- SIGKILL at the stages the training-loop tests do not cover --------------------------------------------
+
+
+def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300.0) -> None:
+    """SIGKILL `proc` as soon as `ready()` is true (fail if it ends first or never gets there)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"it ended before {what}:\n{proc.communicate()[1][-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{what}: not reached in {timeout} s")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+EXTRACT = """
+import sys, torch
+from trainer.data import ClipSpec, Runtime, find_shards
+from trainer.extract import extract_features
+from trainer.models import r2plus1d_18, resnet18_audio
+torch.manual_seed(0)
+enc = {"video": r2plus1d_18(width=0.125), "audio": resnet18_audio(width=0.125)}
+shards = find_shards(sys.argv[1], "train")
+extract_features(enc, shards, sys.argv[2], batch_size=2, clip=ClipSpec(length=4, crop=64), run=Runtime(),
+                 chunk_rows=2)
+"""
+
+
+def written_chunks(path: Path) -> int:
+    try:
+        store = open_store(path)
+    except Exception:  # not created yet, or its metadata being written: not ready
+        return 0
+    return store.num_chunks - len(store.missing_chunks())
+
+
+def test_extraction_killed_midway_resumes_to_the_same_store(tiny_shards: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def extract(out: Path) -> subprocess.Popen:
+        args = [sys.executable, "-c", EXTRACT, str(tiny_shards), str(out)]
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    calm = extract(tmp_path / "calm.zarr")
+    killed = tmp_path / "killed.zarr"
+    kill_when(extract(killed), lambda: written_chunks(killed) >= 2, "2 chunks written")
+    store = open_store(killed)
+    assert 2 <= written_chunks(killed) < store.num_chunks  # killed with rows left to write
+    assert extract(killed).wait(timeout=300) == 0 and calm.wait(timeout=300) == 0
+    a, b = open_store(tmp_path / "calm.zarr"), open_store(killed)
+    assert b.complete and np.array_equal(a.read_index(), b.read_index())
+    for m in ("video", "audio"):
+        assert np.array_equal(a.read(m, 0, a.n), b.read(m, 0, b.n))
+
+
+def test_cluster_output_killed_while_written_leaves_no_folder_and_reruns_the_same(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2_000_000, 4)).astype(np.float32)  # outputs of ~40 MB: writing takes a while
+    store = tmp_path / "feats.zarr"
+    s = create_store(store, n=len(x), dims={"video": 4, "audio": 4})
+    s.write_rows(0, {"video": x, "audio": x[:, ::-1]}, np.arange(len(x)))
+    args = ["cluster", str(store), "--k", "4", "--view", "video", "--niter", "2"]
+    calm, out = tmp_path / "calm", tmp_path / "killed"
+    assert run([*args, "-o", str(calm)]).returncode == 0
+    proc = subprocess.Popen(
+        [str(XDCTOOLS), *args, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    kill_when(proc, lambda: any(tmp_path.glob(".killed.tmp-*/labels.npy")), "the output being written")
+    assert not out.exists()  # killed while its files were written under a temp name: no output at all
+    assert run([*args, "-o", str(out)]).returncode == 0
+    assert hidden(tmp_path) == []  # the killed attempt's temp folder is cleared by the rerun
+    for name in ("labels.npy", "centroids.npy", "distances.npy"):
+        assert np.array_equal(np.load(calm / name), np.load(out / name))
+
+
+def test_finetuning_killed_midway_resumes_to_the_same_result(synth_shards: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ft",
+                "dataset": "tiny",
+                "mode": "full",
+                "data": {
+                    "shards": str(synth_shards),
+                    "modality": "video",
+                    "split_layout": "train-test",
+                    "splits": [1],
+                    "clip_frames": 4,
+                    "crop": 32,
+                    "num_threads": 1,
+                },
+                "model": {"width": 0.0625, "method": "Scratch"},
+                "optim": {"epoch_size": 8, "batch_size": 4, "lr": 0.05, "step_epochs": 1, "total_epochs": 2},
+                "test": {"num_clips": 4, "batch_size": 4},
+                "run": {"out": str(tmp_path / "calm")},
+            }
+        )
+    )
+    args = ["finetune", str(recipe), "--checkpoint", "none", "--quiet"]
+    assert run(args).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [str(XDCTOOLS), *args, "--set", f"run.out={killed}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    kill_when(proc, lambda: any(killed.rglob("it000-ep001.pt")), "epoch 1's checkpoint")
+    assert run([*args, "--set", f"run.out={killed}"]).returncode == 0
+    (a,), (b,) = (list(p.rglob("split1")) for p in (tmp_path / "calm", killed))
+    done = [json.loads((f / "result.json").read_text()) for f in (a, b)]
+    same = [{k: v for k, v in d.items() if k != "seconds"} for d in done]
+    assert same[0] == same[1]
+    assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
+    last = [load_checkpoint(next(f.rglob("it000-ep002.pt"))) for f in (a, b)]
+    for part in ("encoder", "head"):
+        assert all(torch.equal(v, last[1][part][k]) for k, v in last[0][part].items())

@@ -65,7 +65,6 @@ from xdctools.eval_recipe import TABLE_12_LRS, eval_digest, load_eval_recipe, pa
 from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan, shuffle_plan
 from xdctools.shard.run import run_shard
-from xdctools.synth import SynthParams, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_RECIPES = sorted((ROOT / "recipes" / "eval").glob("*.yaml"))
@@ -76,22 +75,6 @@ SMALL = ClipSpec(length=4, crop=32)
 def _shard(plan, out: Path, short_side: int = 48) -> Path:
     run_shard(plan, ShardParams(short_side=short_side), out, shard_size=3, workers=1)
     return out
-
-
-@pytest.fixture(scope="module")
-def synth_shards(tmp_path_factory) -> Path:
-    """2 classes x 4 synth videos (2 s, 64x48) via a manifest: sets split1-train (3+3), split1-test (1+1)."""
-    root = tmp_path_factory.mktemp("synth")
-    made = synthesize(
-        root / "videos", SynthParams(classes=2, per_class=4, seconds=2.0, size=(64, 48)), workers=2
-    )
-    rows = ["path,label,set"]
-    for f in made.files:
-        rel = f.relative_to(root / "videos").as_posix()
-        test = f.stem.endswith("_0003")
-        rows.append(f"{rel},{rel.split('/')[0]},{'split1-test' if test else 'split1-train'}")
-    (root / "videos" / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return _shard(shuffle_plan(build_plan(root / "videos" / "manifest.csv"), 0), root / "shards")
 
 
 @pytest.fixture(scope="module")

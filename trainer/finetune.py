@@ -35,8 +35,9 @@ Files under `<run.out>/<dataset>/<method>/<mode>/`:
   sweep.json, recipe.yaml                     every lr and split of this run, the resolved recipe
 and `<run.out>/results.{json,md}`, the table every run merges its rows into (`trainer.results`).
 A rerun skips finished (lr, split) pairs and resumes an unfinished one from its last epoch; all of
-it is refused when the recipe changed what that pair computes (digest mismatch). After a resume the
-order of training clips differs from an uninterrupted run (the loader is reseeded per epoch).
+it is refused when the recipe changed what that pair computes (digest mismatch). The loader is seeded
+per epoch and the RNG state is checkpointed, so a pair killed mid-way and resumed ends with the weights,
+result and predictions of an uninterrupted one (tests/test_faults.py).
 
 Distributed: under torchrun each rank trains on its share of the clips (DDP reduces gradients) and
 tests on its share of the segments; clip rows are gathered before averaging, rank 0 writes.

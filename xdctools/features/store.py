@@ -247,6 +247,8 @@ def write_folder(out: Path, write: Callable[[Path], None], *, overwrite: bool = 
     then renamed into place (an old `out` is removed only after the swap, and only with `overwrite`)."""
     check_new_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")):
+        shutil.rmtree(stale)  # what a killed write of this folder left behind (one writer per folder)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
