@@ -401,7 +401,9 @@ def test_manifest_csv_and_jsonl(tmp_path: Path, media_dir: Path) -> None:
             [("clips/a.mp4", "walk", 1), (segway[2].as_posix(), "ride", 0)]
         )
         assert all(j.start is None and j.end is None for j in train)
-        assert plan.missing == [{"path": "clips/gone.mp4", "reason": "missing_file", "set": "train"}]
+    for plan, source in zip(plans, (f"{tmp_path / 'm.csv'}:5", f"{tmp_path / 'm.jsonl'}:4"), strict=True):
+        gone = {"path": "clips/gone.mp4", "reason": "missing_file", "set": "train", "source": source}
+        assert plan.missing == [gone]  # the row that names it, to find it by
     assert plans[0].sets == plans[1].sets
 
 

@@ -185,6 +185,7 @@ def test_the_csv_kind_is_detected_and_rows_found_by_each_naming(collection: dict
             "path": f"{missing.youtube_id}#t={missing.start:g},{missing.end:g}",
             "reason": "missing_file",
             "set": "balanced_train",
+            "source": f"{collection['csv']}:7",  # 3 comment lines, then the 4th row: its csv line
         }
     ]
 

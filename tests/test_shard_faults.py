@@ -360,9 +360,11 @@ def test_records_of_older_versions_get_their_kind():
 
 def test_summary_prints_each_kind_and_the_verdict_follows_max_failed(tmp_path: Path):
     summary = Summary(ok=97, failed={"corrupt_stream": 2, "too_short": 1}, videos=100, missing=4)
+    summary.missing_first = ["m.csv:3: a.mp4", "m.csv:9: b.mp4", "m.csv:12: c.mp4"]
     text = format_summary(summary, tmp_path)
     assert "failed: 3 of 100 videos (3.0%)\n  media: 3\n    corrupt_stream: 2\n    too_short: 1\n" in text
-    assert "  transient: 0\nannotated but not found: 4 (missing_file in errors.jsonl)\n" in text
+    assert "  transient: 0\nannotated but not found: 4 (missing_file in errors.jsonl), e.g.\n" in text
+    assert "\n  m.csv:3: a.mp4\n  m.csv:9: b.mp4\n  m.csv:12: c.mp4\n" in text  # named by their rows
     assert failure_verdict(summary) is None  # 3% <= 5%; missing files are not counted
     assert "3 of 100 inputs (3.0%) failed for a media reason" in failure_verdict(summary, 0.02)
     summary.failed["timeout"] = 1

@@ -84,7 +84,8 @@ def failure_lines(summary: Summary) -> list[str]:
             f"    {reason}: {n}" for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
         ]
     if summary.missing:
-        lines.append(f"annotated but not found: {summary.missing} (missing_file in errors.jsonl)")
+        lines.append(f"annotated but not found: {summary.missing} (missing_file in errors.jsonl), e.g.")
+        lines += [f"  {line}" for line in summary.missing_first]
     return lines
 
 

@@ -214,8 +214,10 @@ class _FileIndex:
         return hits[0]
 
 
-def _missing(path: str, set_name: str) -> dict:
-    return {"path": path, "reason": "missing_file", "set": set_name}
+def _missing(path: str, set_name: str, source: str | None = None) -> dict:
+    """An annotated file not found on disk; `source` is the annotation's "file:line" when known."""
+    entry = {"path": path, "reason": "missing_file", "set": set_name}
+    return entry if source is None else {**entry, "source": source}
 
 
 def _classes(
@@ -391,7 +393,7 @@ def _kinetics_jobs(
             continue
         full = index.stem(row.youtube_id, row.label)
         if full is None:
-            missing.append(_missing(stem or row.youtube_id, row.split))
+            missing.append(_missing(stem or row.youtube_id, row.split, f"{csv_path}:{row.line}"))
             continue
         name = f"{full}#t={row.start:g},{row.end:g}"  # media-fragment suffix: one full video, many spans
         path = _join(base, full)
@@ -444,7 +446,8 @@ def _audioset_jobs(
         indices = ann.audioset_class_indices(row, mid_index, str(csv_path), classes_source)
         job = _audioset_job(files, row, set_name, tuple(names[i] for i in indices), indices)
         if job is None:
-            missing.append(_missing(f"{row.youtube_id}#t={row.start:g},{row.end:g}", set_name))
+            where = f"{csv_path}:{row.line}"
+            missing.append(_missing(f"{row.youtube_id}#t={row.start:g},{row.end:g}", set_name, where))
         else:
             jobs.append(job)
     return jobs, missing
@@ -710,7 +713,7 @@ def _plan_manifest(path: Path, classes_file: Path | None, set_name: str) -> Plan
         full = _join(base, rec.path)
         index = class_index(rec.label, f"{path}:{rec.line}")
         if not os.path.isfile(full):
-            missing.append(_missing(rec.path, rec.set_name))
+            missing.append(_missing(rec.path, rec.set_name, f"{path}:{rec.line}"))
             continue
         if rec.start is not None or rec.end is not None:
             name = f"{name}#t={_seconds(rec.start)},{_seconds(rec.end)}"

@@ -85,6 +85,14 @@ class Unit:
         return f"{self.set_name}/{self.stem}{MARKER_SUFFIX}"
 
 
+MISSING_SHOWN = 3  # annotated-but-missing files named in the summary (errors.jsonl lists them all)
+
+
+def missing_line(entry: dict) -> str:
+    """One missing file as the summary names it: its annotation's file and line when known, and its path."""
+    return f"{entry['source']}: {entry['path']}" if entry.get("source") else str(entry["path"])
+
+
 @dataclass
 class Summary:
     """What a node's units hold (written now or by an earlier run) and what this run did."""
@@ -92,6 +100,7 @@ class Summary:
     ok: int = 0
     failed: dict[str, int] = field(default_factory=dict)  # reason -> videos
     missing: int = 0  # annotated files not found on disk (the plan's, whichever node)
+    missing_first: list[str] = field(default_factory=list)  # the first few, "file:line: path"
     videos: int = 0  # inputs in this node's units: ok + failed
     hours: float = 0.0
     bytes: int = 0  # tar bytes in this node's units
@@ -570,6 +579,7 @@ def run_shard(
     units = make_units(plan, shard_size)
     mine = node_units(units, node_rank, num_nodes)
     summary = Summary(missing=len(plan.missing), videos=sum(len(unit.jobs) for unit in mine))
+    summary.missing_first = [missing_line(m) for m in plan.missing[:MISSING_SHOWN]]
     todo = _units_to_write(out_dir, mine, summary, retry_failed)
     _prepare(out_dir, todo)
 
