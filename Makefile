@@ -1,11 +1,13 @@
 # `make demo`: set up everything and run the main job (synth -> shard -> inspect -> XDC training) on the
 # built-in synthetic collection; a few minutes on 2 cores.
 # `make test`: set up everything and run lint + the test suite (what CI runs).
+# `make gpu-check`: on a CUDA machine, its own venv, then tests/gpu and short GPU benchmarks -> gpu-check/
+# (docs/gpu-check.md); without a CUDA device it stops at once (scripts/gpu_check.sh exits 6).
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: setup demo test lint format bench clean-demo
+.PHONY: setup demo test lint format bench clean-demo gpu-check
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -33,6 +35,9 @@ bench: setup
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/cluster.py
 	$(BIN)/python benchmarks/train.py
+
+gpu-check:
+	@bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO)

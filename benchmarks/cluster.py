@@ -10,6 +10,12 @@ Figures, each measured in its own subprocess so peak RSS (ru_maxrss) is per task
 
 Data: a Gaussian mixture (1,000 centres) written once to `--workdir`; reads are warm (page cache).
 Run: .venv/bin/python benchmarks/cluster.py [--big 2000000 --small 500000 --mid 200000]
+
+`--kmeans N` adds (and `--kmeans-only` runs only) k-means of N x 512 rows in memory, k=256, 20
+iterations, on every row: faiss on the GPU (`--device cuda`, faiss-gpu) against faiss on the CPU, same
+data and seed, plus `cluster_array` (sample of k x 256 rows, streamed assignment of all) on each. `make
+gpu-check` runs `--device cuda --kmeans 1000000 --kmeans-only`. `--json-out FILE` appends those figures
+as JSON lines as they are measured.
 """
 
 from __future__ import annotations
@@ -138,6 +144,64 @@ def run(mode: str, path: Path | str = "", extra: str = "") -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def emit(path: Path | None, name: str, value: object, unit: str = "", **extra: object) -> None:
+    """One figure as a JSON line, appended at once (a run cut off keeps what it measured)."""
+    if path is not None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"name": name, "value": value, "unit": unit, **extra}) + "\n")
+
+
+def kmeans_in_memory(n: int, gpu: bool, out: Path | None) -> dict:
+    """k-means of n x 512 rows (k=256, 20 iterations, every row), faiss on the GPU and/or the CPU; then
+    xdctools' cluster_array (sample + streamed assignment) on each. Figures: seconds, objective, NMI."""
+    import faiss
+
+    from xdctools.cluster import cluster_array
+    from xdctools.cluster.report import cluster_metrics
+
+    d = 512
+    t = time.perf_counter()
+    x = np.concatenate([mixture(a, min(a + 131_072, n), d) for a in range(0, n, 131_072)])
+    print(
+        f"k-means data: {n} x {d} float32 ({x.nbytes / 1e9:.1f} GB) made in {time.perf_counter() - t:.1f} s"
+    )
+    devices = (["gpu"] if gpu else []) + ["cpu"]
+    if gpu:  # GPU resources and cuBLAS start once, outside the timing
+        faiss.Kmeans(d, K, niter=1, seed=SEED, gpu=True).train(x[: 256 * K])
+    results: dict = {}
+    labels = {}
+    for device in devices:
+        km = faiss.Kmeans(
+            d, K, niter=NITER, seed=SEED, gpu=device == "gpu", max_points_per_centroid=math.ceil(n / K)
+        )
+        t = time.perf_counter()
+        km.train(x)
+        train_s = time.perf_counter() - t
+        _, found = km.index.search(x, 1)
+        labels[device] = found[:, 0]
+        results[device] = {"train_s": train_s, "objective": float(km.obj[-1])}
+        print(f"faiss k-means {device}: {n} x {d}, k={K}, {NITER} iterations on every row: {train_s:.2f} s")
+        emit(out, f"faiss k-means {device}, {n} x {d}, k={K}, all rows", round(train_s, 2), "s",
+             objective=results[device]["objective"])  # fmt: skip
+    if gpu:
+        speedup = results["cpu"]["train_s"] / results["gpu"]["train_s"]
+        nmi = cluster_metrics(labels["cpu"], labels["gpu"])["nmi"]
+        gap = abs(results["gpu"]["objective"] / results["cpu"]["objective"] - 1)
+        print(f"GPU / CPU: x{speedup:.1f} faster, label NMI {nmi:.4f}, objective gap {gap:.1e}")
+        emit(out, "faiss k-means GPU speed-up over CPU", round(speedup, 1), "x", nmi=round(nmi, 4),
+             objective_gap=gap)  # fmt: skip
+    for device in devices:
+        t = time.perf_counter()
+        result = cluster_array(x, k=K, niter=NITER, seed=SEED, gpu=1 if device == "gpu" else False)
+        seconds = time.perf_counter() - t
+        timings = {k: round(v, 2) for k, v in result.stats["timings"].items()}
+        print(f"cluster_array {device}: {seconds:.2f} s ({timings})")
+        emit(out, f"cluster_array {device} (sample {K * 256}, streamed assignment of {n})", round(seconds, 2),
+             "s", **timings)  # fmt: skip
+        results[f"cluster_array_{device}"] = {"seconds": seconds, "timings": timings}
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/xdc-bench-cluster"))
@@ -146,10 +210,22 @@ def main() -> None:
     p.add_argument("--mid", type=int, default=200_000, help="rows of the d=128 store for figure 4")
     p.add_argument("--keep", action="store_true", help="keep the stores for another run")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: faiss-gpu for --kmeans")
+    p.add_argument("--kmeans", type=int, default=0, metavar="N", help="also k-means N x 512 in memory")
+    p.add_argument("--kmeans-only", action="store_true", help="run only the --kmeans figures")
+    p.add_argument("--json-out", type=Path, help="append the --kmeans figures to this JSON-lines file")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(work(*args.worker)))
         return
+    if args.kmeans:
+        import faiss
+
+        if args.device == "cuda" and faiss.get_num_gpus() == 0:
+            sys.exit(f"--device cuda: faiss {faiss.__version__} sees no GPU (is faiss-gpu-cu12 installed?)")
+        kmeans_in_memory(args.kmeans, args.device == "cuda", args.json_out)
+        if args.kmeans_only:
+            return
 
     import faiss
 

@@ -8,9 +8,11 @@ Both loaders read the same shards (made once from the real Kinetics-layout clips
 (resize,) random crop, random flip, Kinetics normalisation, and the 40x100 mel window centred on the clip.
 The baseline decodes each segment with PyAV from the start of the segment (as DALI's CPU decoder does)
 in `--workers` DataLoader processes; DALI gets the same number of threads. Both are measured in this run,
-taking turns over several rounds after a warm-up (the median is reported). Then an R(2+1)D-18 training
-step (SGD, forward + backward) is timed on random input of the same shape: the clips/s training
-consumes, which the loader should exceed (on CUDA also with bf16 autocast).
+taking turns over several rounds after a warm-up (the median is reported); `--skip-pyav` times DALI
+alone. Then an R(2+1)D-18 training step (SGD, forward + backward) is timed on random input of the same
+shape: the clips/s training consumes, which the loader should exceed (goal on CUDA: >= 2x the fastest
+step, timed in fp32, bf16 autocast, and bf16 + channels-last as the Kinetics recipe trains).
+`--json-out FILE` appends each figure as a JSON line as soon as it is measured (`make gpu-check`).
 """
 
 from __future__ import annotations
@@ -122,6 +124,13 @@ class PyAVClips(torch.utils.data.Dataset):
 # --- measurements ---------------------------------------------------------------------------
 
 
+def emit(path: Path | None, name: str, value: object, unit: str = "", **extra: object) -> None:
+    """One figure as a JSON line, appended at once (a run cut off keeps what it measured)."""
+    if path is not None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"name": name, "value": value, "unit": unit, **extra}) + "\n")
+
+
 def timed_rounds(loaders: dict, batch_size: int, warmup: int, count: int, rounds: int, device: str) -> dict:
     """Median clips/s of each loader over `rounds` rounds of `count` batches, the loaders taking turns.
 
@@ -144,18 +153,20 @@ def timed_rounds(loaders: dict, batch_size: int, warmup: int, count: int, rounds
 
 
 def training_step_rate(
-    clip: data.ClipSpec, batch_size: int, device: str, steps: int, bf16: bool
+    clip: data.ClipSpec, batch_size: int, device: str, steps: int, bf16: bool, channels_last: bool = False
 ) -> float | None:
     """Clips/s of R(2+1)D-18 forward + backward + SGD step on random input, or None without the model."""
     try:
-        from trainer.models import autocast, r2plus1d_18
+        from trainer.models import autocast, prepare_for_speed, r2plus1d_18
     except ImportError:
         print("note: trainer.models.r2plus1d_18 not found; training-step rate skipped")
         return None
     torch.manual_seed(0)
-    model = r2plus1d_18(num_classes=400).to(device)
+    model = prepare_for_speed(r2plus1d_18(num_classes=400).to(device), channels_last=channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch_size, 3, clip.length, clip.crop, clip.crop, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     y = torch.randint(0, 400, (batch_size,), device=device)
 
     def step() -> None:
@@ -197,7 +208,11 @@ def main() -> None:
     ap.add_argument(
         "--train-steps", type=int, help="timed training steps; default 1 (batch 4) on CPU, 20 on CUDA"
     )
+    ap.add_argument("--skip-pyav", action="store_true", help="time the DALI loader alone (no baseline)")
+    ap.add_argument("--json-out", type=Path, help="append each figure to this JSON-lines file")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
 
     cuda = args.device == "cuda"
     short_side, crop = (256, 224) if cuda else (128, 112)
@@ -212,22 +227,35 @@ def main() -> None:
 
     run = data.Runtime(device="gpu" if cuda else "cpu", num_threads=workers, prefetch_queue_depth=2, seed=0)
     dali = data.train_loader(shards, batch_size=batch, epoch_size=total, clip=clip, run=run)
-    dataset = PyAVClips(shards, clip)
-    pyav = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=total),
-        num_workers=workers,
-        pin_memory=cuda,
-        drop_last=True,
-        prefetch_factor=2,
-    )
-    rates = timed_rounds({"dali": dali, "pyav": pyav}, batch, args.warmup, count, args.rounds, args.device)
-    dali_rate, base_rate = rates["dali"], rates["pyav"]
+    loaders = {"dali": dali}
+    if not args.skip_pyav:
+        dataset = PyAVClips(shards, clip)
+        loaders["pyav"] = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=total),
+            num_workers=workers,
+            pin_memory=cuda,
+            drop_last=True,
+            prefetch_factor=2,
+        )
+    rates = timed_rounds(loaders, batch, args.warmup, count, args.rounds, args.device)
+    dali_rate, base_rate = rates["dali"], rates.get("pyav")
+    where = f"{'mixed' if cuda else 'cpu'}, {workers} threads, batch {batch}, {clip.length}x{crop}x{crop}"
+    emit(args.json_out, "DALI loader", round(dali_rate, 1), "clips/s", decoding=where, segments=len(shards))
+    if base_rate is not None:
+        emit(args.json_out, "PyAV + DataLoader", round(base_rate, 1), "clips/s", workers=workers)
 
     step_batch = batch if cuda else min(batch, 4)
-    fp32 = training_step_rate(clip, step_batch, args.device, steps, bf16=False)
-    bf16 = training_step_rate(clip, step_batch, args.device, steps, bf16=True) if cuda else None
+    steps_rates = {"fp32": training_step_rate(clip, step_batch, args.device, steps, bf16=False)}
+    if cuda:
+        steps_rates["bf16"] = training_step_rate(clip, step_batch, args.device, steps, bf16=True)
+        steps_rates["bf16+channels-last"] = training_step_rate(
+            clip, step_batch, args.device, steps, bf16=True, channels_last=True
+        )
+    for name, rate in steps_rates.items():
+        if rate is not None:
+            emit(args.json_out, f"R(2+1)D-18 step {name}", round(rate, 1), "clips/s", batch=step_batch)
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
         "shards": str(root),
@@ -236,16 +264,23 @@ def main() -> None:
         "batch": batch,
         "workers": workers,
         "dali_clips_per_s": round(dali_rate, 1),
-        "pyav_dataloader_clips_per_s": round(base_rate, 1),
-        "ratio_dali_over_pyav": round(dali_rate / base_rate, 2),
+        "pyav_dataloader_clips_per_s": None if base_rate is None else round(base_rate, 1),
+        "ratio_dali_over_pyav": None if base_rate is None else round(dali_rate / base_rate, 2),
         "rounds": args.rounds,
         "train_step_batch": step_batch,
-        "r2plus1d18_train_step_clips_per_s_fp32": None if fp32 is None else round(fp32, 1),
-        "r2plus1d18_train_step_clips_per_s_bf16": None if bf16 is None else round(bf16, 1),
+        **{
+            f"r2plus1d18_train_step_clips_per_s_{name}": None if rate is None else round(rate, 1)
+            for name, rate in steps_rates.items()
+        },
     }
-    if fp32 is not None:
-        fastest = max(r for r in (fp32, bf16) if r is not None)
-        result["dali_over_training"] = round(dali_rate / fastest, 2)
+    measured = {name: rate for name, rate in steps_rates.items() if rate is not None}
+    if measured:
+        fastest = max(measured, key=measured.get)
+        result["dali_over_training"] = round(dali_rate / measured[fastest], 2)
+        emit(
+            args.json_out, "DALI loader / fastest training step", result["dali_over_training"], "x",
+            goal=">= 2", met=result["dali_over_training"] >= 2, step=fastest,
+        )  # fmt: skip
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

@@ -5,13 +5,17 @@
 
 Every option runs on a fresh model built with the same seed, in one process, so the ratios compare like
 with like. On CUDA, fp32 convolutions already use TF32 (cuDNN's default); "fp16" includes a GradScaler.
+`--json-out FILE` appends each option's figure as a JSON line as soon as it is measured (`make
+gpu-check` times the compiled options last, so a run cut off still has the eager ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -90,8 +94,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, help="timed iterations, default 2 on CPU, 20 on CUDA")
     parser.add_argument("--warmup", type=int, help="untimed iterations, default 1 on CPU, 5 on CUDA")
     parser.add_argument("--options", help=f"comma-separated subset of: {', '.join(OPTIONS)}")
+    parser.add_argument("--json-out", type=Path, help="append each option's figure to this JSON-lines file")
     args = parser.parse_args()
     cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     args.batch = args.batch or (32 if cuda else 8)
     args.size = args.size or (224 if cuda else 112)
     args.iters = args.iters or (20 if cuda else 2)
@@ -117,11 +124,22 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     base = None
+    shape = f"width {args.width}, batch {args.batch}, {args.frames}x{args.size}x{args.size}"
     for name in names:
         clips, peak = measure(OPTIONS[name], args, device)
         base = base or clips
         memory = f"  peak {peak:5.1f} GiB" if cuda else ""
         print(f"{name:28s} {clips:8.2f} clips/s  ×{clips / base:5.2f}{memory}", flush=True)
+        if args.json_out is not None:
+            figure = {
+                "name": name,
+                "value": round(clips, 2),
+                "unit": "clips/s",
+                "vs_eager_fp32": round(clips / base, 2),
+            }
+            figure.update({"peak_gib": round(peak, 1)} if cuda else {})
+            with args.json_out.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({**figure, "shape": shape}) + "\n")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,49 @@ def test_one_process_collectives_are_identities(monkeypatch: pytest.MonkeyPatch)
         distributed.init("cpu")
 
 
+ONE = """
+import json, sys, torch
+import torch.distributed as torch_dist
+from trainer import distributed, loop
+from xdctools.recipe import parse_recipe
+d = distributed.init("cpu")
+recipe = parse_recipe(open(sys.argv[1]).read())
+learner = loop.build_learner(recipe, {"video": 3, "audio": 3})
+model = loop.wrap_for_training(learner, recipe, d)
+print(json.dumps({"group": torch_dist.is_initialized(), "backend": torch_dist.get_backend(),
+                  "world": torch_dist.get_world_size(), "ddp": type(model).__name__}))
+distributed.cleanup()
+"""
+
+
+def test_one_process_under_torchrun_takes_the_multi_process_path(tmp_path: Path) -> None:
+    """torchrun --nproc_per_node=1 starts the process group and trains through DDP, so one GPU runs the
+    nccl path N GPUs run (gloo here); a plain process starts neither (above)."""
+    recipe = {
+        "name": "one",
+        "method": "xdc",
+        "data": {"shards": "s", "clip_frames": 4, "crop": 64, "short_side": 64},
+        "model": {"width": 0.125},
+        "clustering": {"k": 3},
+        "optim": {"epoch_size": 8, "batch_size": 4, "lr": 0.05, "step_epochs": 1, "total_epochs": 1},
+        "run": {"out": str(tmp_path / "run")},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "one.py").write_text(ONE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=1",
+        str(tmp_path / "one.py"),
+        str(tmp_path / "r.yaml"),
+    ]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"group": True, "backend": "gloo", "world": 1, "ddp": "DistributedDataParallel"}
+
+
 DRIVER = """
 import json, sys
 from pathlib import Path

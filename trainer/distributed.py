@@ -29,6 +29,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: bool = False  # a process group was started (torchrun launched this process, even alone)
 
     @property
     def is_main(self) -> bool:
@@ -36,7 +37,8 @@ class Dist:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Train through DDP: several processes, or one that torchrun launched (the N-GPU path on one)."""
+        return self.world_size > 1 or self.group
 
 
 def env_ranks() -> tuple[int, int, int]:
@@ -57,7 +59,8 @@ def env_ranks() -> tuple[int, int, int]:
 def init(device: str = "cpu") -> Dist:
     """Join the process group torchrun describes (idempotent); device "gpu"/"cuda" picks cuda:LOCAL_RANK.
 
-    gloo on CPU, nccl on GPU. A single process (no torchrun) starts no group.
+    gloo on CPU, nccl on GPU. A process torchrun launched starts the group even alone
+    (`--nproc_per_node=1`), so one GPU runs the same nccl/DDP path as N; a plain process starts none.
     """
     rank, world, local = env_ranks()
     gpu = device in ("gpu", "cuda")
@@ -68,11 +71,16 @@ def init(device: str = "cpu") -> Dist:
             raise ConfigError(f"LOCAL_RANK {local}: only {torch.cuda.device_count()} GPU(s) on this node")
         torch.cuda.set_device(local)
     where = torch.device("cuda", local) if gpu else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or launched_by_torchrun()) and not dist.is_initialized():
         backend = "nccl" if gpu else "gloo"
         kwargs = {"device_id": where} if gpu else {}
         dist.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
-    return Dist(rank=rank, world_size=world, local_rank=local, device=where)
+    return Dist(rank=rank, world_size=world, local_rank=local, device=where, group=dist.is_initialized())
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun's rendezvous variables are set (a bare WORLD_SIZE=1 without a master is not a launch)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def active() -> bool:
