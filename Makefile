@@ -1,13 +1,13 @@
 # `make demo`: set up everything and run the main job (synth -> shard -> inspect -> XDC training) on the
 # built-in synthetic collection; a few minutes on 2 cores.
 # `make test`: set up everything and run lint + the test suite (what CI runs).
-# `make gpu-check`: on a CUDA machine, its own venv, then tests/gpu and short GPU benchmarks -> gpu-check/
-# (docs/gpu-check.md); without a CUDA device it stops at once (scripts/gpu_check.sh exits 6).
+# `make gpu-check`: on a CUDA machine, its own venv (no index reachable: the wheels `make gpu-wheels` put in
+# .whl/), then tests/gpu, GPU benchmarks -> gpu-check/ (docs/gpu-check.md); no CUDA device: exits 6 at once.
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: setup demo test lint format bench clean-demo gpu-check
+.PHONY: setup demo test lint format bench clean-demo gpu-check gpu-wheels
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -38,6 +38,10 @@ bench: setup
 
 gpu-check:
 	@bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Before a device session on this workplace's lent GPU (no index there): the wheels its image lacks -> .whl/
+gpu-wheels:
+	@bash scripts/gpu_wheels.sh
 
 clean-demo:
 	rm -rf $(DEMO)

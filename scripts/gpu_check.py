@@ -1,18 +1,25 @@
 #!/usr/bin/env python3
 """The stages of `make gpu-check`, each with its own time limit, results written as they come.
 
-    python scripts/gpu_check.py [--out gpu-check] [--budget 480] [--only A,B] [--skip C] [--list]
+    python scripts/gpu_check.py [--out gpu-check] [--budget 480] [--only A,B] [--skip C] [--list] [--image]
     python scripts/gpu_check.py --build-shards DIR [--media DIR|none] [--small]   # the check's shards
     python scripts/gpu_check.py --env-json FILE                                   # versions, card
     python scripts/gpu_check.py --report-only [--out gpu-check]                   # report from results
 
 `scripts/gpu_check.sh` (what `make gpu-check` runs) stops at once without a CUDA device, installs the
-GPU environment, then runs this with that environment's Python. Every stage is a subprocess in its own
-process group, killed (TERM, then KILL) at its time limit; the test and benchmark stages also share a
-budget (--budget, 8 minutes), so one hang cannot eat the run. After each stage its record is appended
-to OUT/results.jsonl and OUT/report.md is rewritten, so a run cut off anywhere leaves every figure
+GPU environment (or, in image mode, the carried wheels beside the machine's own torch), then runs this
+with that environment's Python. Every stage is a subprocess in its own process group, killed (TERM, then
+KILL) at its time limit; the test and benchmark stages also share a budget (--budget: 8 minutes, 6 in
+image mode), so one hang cannot eat the run, and --deadline ends everything by a wall-clock limit (a
+device call's). A stage whose dependency is missing here (DALI, faiss-gpu, the shard tools) is not
+started: it is recorded as skipped, with the reason. After each stage its record is appended to
+OUT/results.jsonl and OUT/report.md is rewritten, so a run cut off anywhere leaves every figure
 measured so far. Stage logs: OUT/logs/<stage>.log; figures: OUT/logs/<stage>.figures.jsonl, written by
 the tests (`gpu_helpers.record`) and benchmarks (`--json-out`) as they measure.
+
+--image (image mode: the GPU machine's own Python and CUDA 13 torch, no package index; see
+docs/gpu-check.md): the tests that can run get synthetic inputs instead of DALI-loaded clips
+(XDC_GPU_INPUTS=synthetic), and a CPU k-means benchmark (faiss-cpu) stands in for the faiss-gpu ones.
 
 Exit status: 0 every stage passed (or skipped), 1 a stage failed, timed out or was not run, 6 no CUDA
 device (the project's "missing dependency" code). Standard library only: it must start anywhere.
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -41,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 EXIT_FAILED, EXIT_NO_CUDA = 1, 6
 DEFAULT_BUDGET_S = 480.0  # tests + benchmarks on one H100: 8 minutes
+IMAGE_BUDGET_S = 360.0  # image mode: what runs there fits one 10-minute device call with start-up
 MIN_STAGE_S = 15.0  # a stage is not started with less budget than this left
 KILL_GRACE_S = 5.0
 TAIL_LINES = 25
@@ -57,8 +66,9 @@ class Stage:
     timeout_s: float
     argv: list[str]
     what: str
-    needs: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # stages that must have passed (or been skipped)
     budgeted: bool = True  # counts against --budget (tests and benchmarks)
+    requires: tuple[str, ...] = ()  # what must be importable or installed here: see REQUIREMENTS
 
 
 @dataclass
@@ -87,6 +97,8 @@ class Context:
     python: str = sys.executable
     media: Path | None = None
     budget_s: float = DEFAULT_BUDGET_S
+    image: bool = False  # image mode: the lent GPU's own Python, carried wheels, no index
+    deadline_s: float | None = None  # every stage ends within this many seconds of run_all's start
 
     @property
     def logs(self) -> Path:
@@ -101,42 +113,118 @@ class Context:
 
 
 def plan(ctx: Context) -> list[Stage]:
-    """Every stage in run order: setup, then the tests and benchmarks, compile-heavy ones last."""
+    """Every stage in run order: setup, then the tests and benchmarks, compile-heavy ones last.
+
+    Each names what it requires (REQUIREMENTS): where that is missing, the stage is skipped with the
+    reason. In image mode (no DALI, no faiss-gpu) what is left runs test-ddp, test-step, bench-speed,
+    then bench-kmeans-cpu, which only image mode plans (the full mode's bench-kmeans times the CPU too).
+    """
     py, s = ctx.python, ctx.shards
+    dali = ("dali",)
 
-    def test(name: str, module: str, timeout: float, what: str, needs=("shards",)) -> Stage:
+    def test(name: str, module: str, timeout: float, what: str, needs=("shards",), requires=dali) -> Stage:
         argv = [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"tests/gpu/{module}"]
-        return Stage(name, "test", timeout, argv, what, needs=needs)
+        return Stage(name, "test", timeout, argv, what, needs=needs, requires=requires)
 
-    def bench(name: str, script: str, timeout: float, what: str, *args: str, needs=("shards",)) -> Stage:
+    def bench(
+        name: str,
+        script: str,
+        timeout: float,
+        what: str,
+        *args: str,
+        needs=("shards",),
+        requires=dali,
+        device: str = "cuda",
+    ) -> Stage:
         fig = str(ctx.logs / f"{name}.figures.jsonl")
-        argv = [py, f"benchmarks/{script}", "--device", "cuda", *args, "--json-out", fig]
-        return Stage(name, "bench", timeout, argv, what, needs=needs)
+        argv = [py, f"benchmarks/{script}", "--device", device, *args, "--json-out", fig]
+        return Stage(name, "bench", timeout, argv, what, needs=needs, requires=requires)
 
     media = str(ctx.media) if ctx.media else "none"
-    return [
+    kmeans = ["--kmeans", "1000000", "--kmeans-only", "--workdir", str(ctx.work / "bench-cluster")]
+    stages = [
         Stage("env", "setup", 120, [py, str(SCRIPT), "--env-json", str(ctx.out / "env.json")],
               "card, driver, CUDA, torch, DALI, faiss versions", budgeted=False),
         Stage("shards", "setup", 300, [py, str(SCRIPT), "--build-shards", str(s), "--media", media],
-              "synthetic + real clips, VP9 and H.264 (xdctools synth / shard --codec)", budgeted=False),
+              "synthetic + real clips, VP9 and H.264 (xdctools synth / shard --codec)", budgeted=False,
+              requires=("dali", "shard-tools")),
         test("test-decode", "test_gpu_decode.py", 90, "DALI mixed decode of VP9 and H.264 = CPU decode"),
-        test("test-align", "test_gpu_align.py", 60, "flash/click audio-video alignment, GPU loader"),
+        test("test-align", "test_gpu_align.py", 60, "flash/click audio-video alignment, GPU loader",
+             requires=("dali", "shard-tools")),
         test("test-faiss", "test_gpu_faiss.py", 60, "faiss-gpu k-means vs CPU (NMI), streamed GPU assignment",
-             needs=()),
-        test("test-ddp", "test_gpu_ddp.py", 90, "torchrun, 1 process: nccl group, DDP step = plain step"),
+             needs=(), requires=("faiss-gpu",)),
+        # DALI-loaded clips where DALI is here, synthetic tensors of the same shapes where not
+        test("test-ddp", "test_gpu_ddp.py", 90, "torchrun, 1 process: nccl group, DDP step = plain step",
+             requires=()),
         test("test-recipe", "test_gpu_recipe.py", 150, "Kinetics XDC recipe: 20 steps, width 1, 8x112^2"),
         bench("bench-loader", "loader.py", 120, "DALI mixed loader clips/s vs R(2+1)D-18 step (goal >= 2x)",
               "--shards", str(s / "loader-vp9"), "--skip-pyav", "--batches", "10", "--rounds", "3",
               "--warmup", "3", "--train-steps", "10"),
         bench("bench-seek", "seek.py", 60, "does DALI's GPU decoder seek: clip at frame 0 vs 280",
               "--shards", str(s / "long-vp9"), str(s / "long-h264")),
-        bench("bench-kmeans", "cluster.py", 120, "faiss-gpu k-means 1M x 512, k=256 (vs CPU)",
-              "--kmeans", "1000000", "--kmeans-only", "--workdir", str(ctx.work / "bench-cluster"),
-              needs=()),
-        test("test-step", "test_gpu_step.py", 200, "bf16 + channels-last + compile steps vs fp32 eager"),
+        bench("bench-kmeans", "cluster.py", 120, "faiss-gpu k-means 1M x 512, k=256 (vs CPU)", *kmeans,
+              needs=(), requires=("faiss-gpu",)),
+        test("test-step", "test_gpu_step.py", 200, "bf16 + channels-last + compile steps vs fp32 eager",
+             requires=()),
         bench("bench-speed", "models.py", 240, "R(2+1)D-18 step per speed option vs eager fp32",
-              "--iters", "10", "--warmup", "3", "--options", SPEED_OPTIONS, needs=()),
+              "--iters", "10", "--warmup", "3", "--options", SPEED_OPTIONS, needs=(), requires=()),
     ]  # fmt: skip
+    if ctx.image:  # last: it needs no GPU, so it gets only what the GPU stages left of the budget
+        stages.append(bench("bench-kmeans-cpu", "cluster.py", 120, "faiss-cpu k-means 1M x 512, k=256 on "
+                            "this machine's cores (no faiss-gpu here)", *kmeans, needs=(),
+                            requires=("faiss",), device="cpu"))  # fmt: skip
+    return stages
+
+
+# What a stage may require, and why it can be missing. Read from the env stage's env.json (gather_env).
+REQUIREMENTS = ("dali", "faiss-gpu", "faiss", "shard-tools")
+SHARD_MODULES = {"av": "PyAV", "librosa": "librosa", "webdataset": "webdataset", "ffmpeg": "ffmpeg-python"}
+DALI_SIZE = "788 MB installed for nvidia-dali-cuda120 2.4.0"
+
+
+def unmet(requirement: str, env: dict[str, Any], image: bool) -> str | None:
+    """Why `requirement` is not met on the machine env.json describes, or None when it is."""
+    faiss = env.get("faiss", {})
+    if requirement == "dali":
+        if not str(env.get("dali", "error")).startswith("error"):
+            return None
+        detail = str(env.get("dali", "error: not probed")).removeprefix("error: ")
+        why = f"nvidia-dali not importable ({detail})"
+        if image:
+            return (f"{why}: DALI's wheel ({DALI_SIZE}) cannot be carried to this machine, whose device "
+                    "calls carry 64 MiB in all and which reaches no package index")  # fmt: skip
+        return f"{why}: install xdctools[gpu] (nvidia-dali-cuda120), as scripts/gpu_check.sh does"
+    if requirement in ("faiss", "faiss-gpu"):
+        version = str(faiss.get("version", "error: not probed"))
+        if version.startswith("error"):
+            why = f"faiss not importable ({version.removeprefix('error: ')})"
+        elif requirement == "faiss" or faiss.get("gpus", 0) >= 1:
+            return None
+        elif faiss.get("gpu_build") is False:
+            why = f"faiss {version} is a CPU build (faiss-cpu)"
+        else:
+            why = f"faiss {version} sees no GPU"
+        if requirement == "faiss":
+            tail = "scripts/gpu_wheels.sh carries faiss-cpu unless it does not fit (--no-faiss)"
+        elif image:
+            tail = (
+                "no faiss GPU build can be carried here: faiss-gpu-cu12 needs CUDA 12's runtime and "
+                "cuBLAS, absent from this CUDA 13 image, and the CUDA 13 build (faiss-gpu-cuvs, 119 MB, "
+                "plus libcuvs, libraft and librmm) exceeds the 64 MiB a device call carries"
+            )
+        else:
+            tail = "install xdctools[gpu] (faiss-gpu-cu12), not faiss-cpu: they are the same module"
+        return f"{why}: {tail}"
+    if requirement == "shard-tools":
+        modules = env.get("modules", {})
+        lacking = [name for module, name in SHARD_MODULES.items() if not modules.get(module)]
+        if str(env.get("ffmpeg", "error")).startswith("error") or not env.get("ffprobe", True):
+            lacking.append("the ffmpeg and ffprobe programs")
+        if not lacking:
+            return None
+        why = f"building the check's shards needs {', '.join(lacking)}, missing here"
+        return why + (" (not carried: only the DALI stages use the shards)" if image else "")
+    raise ValueError(f"unknown requirement {requirement!r}")
 
 
 def select(stages: list[Stage], only: str | None, skip: str | None) -> list[Stage]:
@@ -338,7 +426,7 @@ class Results:
 
     def write_report(self) -> None:
         env = load_json(self.ctx.out / "env.json")
-        text = render_report(env, self.planned, self.records, self.ctx.budget_s, self.started)
+        text = render_report(env, self.planned, self.records, self.ctx.budget_s, self.started, self.ctx.image)
         tmp = self.report.with_name(self.report.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.report)
@@ -387,8 +475,21 @@ def _figure_row(fig: dict[str, Any]) -> str:
     return f"| {_cell(fig.get('name', '?'))} | {_cell(value)} | {_cell(goal)} | {details} |"
 
 
+IMAGE_NOTE = (
+    "the machine's own Python and torch (a CUDA 13 build on this workplace's lent GPU) with the wheels "
+    "carried in `.whl/` (scripts/gpu_wheels.sh), no package index. DALI and faiss-gpu cannot be carried "
+    "there, so their stages are skipped with the reason; the step and DDP tests run on synthetic inputs "
+    "of the loader's shapes instead of DALI-loaded clips."
+)
+
+
 def render_report(
-    env: dict[str, Any], planned: Sequence[Stage], records: dict[str, Record], budget_s: float, started: str
+    env: dict[str, Any],
+    planned: Sequence[Stage],
+    records: dict[str, Record],
+    budget_s: float,
+    started: str,
+    image: bool = False,
 ) -> str:
     """report.md: the machine and versions, one row per stage, the figures, the tests, failure tails."""
     gpu, torch, faiss = env.get("gpu", {}), env.get("torch", {}), env.get("faiss", {})
@@ -400,6 +501,7 @@ def render_report(
         f"Budget for tests + benchmarks: {budget_s:.0f} s. Each stage appends to `results.jsonl`; "
         "logs in `logs/`.",
         "",
+        *([f"**Image mode**: {IMAGE_NOTE}", ""] if image else []),
         "| | |",
         "|---|---|",
         f"| card | {_cell(g('name', '?'))} ({g('memory', '?')}, compute {g('compute_cap', '?')}) |",
@@ -463,29 +565,65 @@ def run_all(
     install_s: float | None = None,
     env: dict[str, str] | None = None,
     say: Callable[[str], None] = print,
+    machine: Callable[[], dict[str, Any]] | None = None,
 ) -> int:
-    """Run `stages` in order, recording each; returns the exit status (see the module docstring)."""
+    """Run `stages` in order, recording each; returns the exit status (see the module docstring).
+
+    `machine` describes what is installed here (env.json's content, for the stages' requirements): by
+    default the env stage's env.json, or, when the env stage is not among `stages`, a fresh probe.
+    """
     results = Results(ctx)
     results.planned = list(stages)
     if install_s is not None:
-        results.end(Record("install", "setup", "GPU venv: CUDA torch, DALI, faiss-gpu, xdctools[gpu,test]",
-                           "passed", seconds=round(install_s, 1)))  # fmt: skip
+        what = (
+            "image mode: carried wheels into a --target folder, no index; the machine's Python and torch"
+            if ctx.image
+            else "GPU venv: CUDA torch, DALI, faiss-gpu, xdctools[gpu,test]"
+        )
+        results.end(Record("install", "setup", what, "passed", seconds=round(install_s, 1)))
     results.write_report()
     stop = install_handlers(results)
+    t0 = time.monotonic()
+    described: dict[str, Any] | None = None
     spent = 0.0
     bad = False
+
+    def describe() -> dict[str, Any]:
+        nonlocal described
+        if described is None:
+            ran_env = results.records.get("env")
+            if machine is not None:
+                described = machine()
+            elif ran_env is not None and ran_env.status in OK:
+                described = load_json(ctx.out / "env.json")
+            else:
+                described = probe_env(ctx)
+        return described
+
     try:
         for stage in stages:
             missing = [n for n in stage.needs if n in results.records and results.records[n].status not in OK]
             left = ctx.budget_s - spent
+            # what is left before the deadline, less the time a kill at the limit may take
+            until = None
+            if ctx.deadline_s is not None:
+                until = ctx.deadline_s - (time.monotonic() - t0) - 2 * KILL_GRACE_S
+            unmet_here = [why for r in stage.requires if (why := unmet(r, describe(), ctx.image))]
             if missing:
                 rec = Record(
                     stage.name, stage.kind, stage.what, "not-run", summary=f"needs {', '.join(missing)}"
                 )
+            elif unmet_here:
+                rec = Record(stage.name, stage.kind, stage.what, "skipped", summary="; ".join(unmet_here))
+            elif until is not None and until < MIN_STAGE_S:
+                rec = Record(stage.name, stage.kind, stage.what, "not-run",
+                             summary=f"deadline reached ({ctx.deadline_s:.0f} s)")  # fmt: skip
             elif stage.budgeted and left < MIN_STAGE_S:
                 rec = Record(stage.name, stage.kind, stage.what, "not-run", summary="budget spent")
             else:
                 limit = min(stage.timeout_s, left) if stage.budgeted else stage.timeout_s
+                if until is not None:
+                    limit = min(limit, until)
                 results.start(stage, limit)
                 say(f"[gpu-check] {stage.name}: {stage.what} (limit {limit:.0f} s)")
                 rec = run_stage(stage, ctx, limit, env)
@@ -507,6 +645,15 @@ def run_all(
         stop()
     say(f"[gpu-check] report: {results.report}")
     return EXIT_FAILED if bad else 0
+
+
+def probe_env(ctx: Context) -> dict[str, Any]:
+    """env.json written afresh by this environment's Python (when the env stage did not run)."""
+    path = ctx.out / "env.json"
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run([ctx.python, str(SCRIPT), "--env-json", str(path)], cwd=ROOT, capture_output=True,
+                       timeout=120, check=False)  # fmt: skip
+    return load_json(path)
 
 
 def no_cuda_reason(env: dict[str, Any]) -> str | None:
@@ -558,6 +705,7 @@ def gather_env() -> dict[str, Any]:
     env: dict[str, Any] = {
         "host": platform.node(),
         "python": platform.python_version(),
+        "executable": sys.executable,
         "cpus": os.cpu_count(),
     }
     query = _command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
@@ -595,11 +743,15 @@ def gather_env() -> dict[str, Any]:
     try:
         import faiss
 
-        env["faiss"] = {"version": faiss.__version__, "gpus": faiss.get_num_gpus()}
+        env["faiss"] = {"version": faiss.__version__, "gpus": faiss.get_num_gpus(),
+                        "gpu_build": hasattr(faiss, "StandardGpuResources")}  # fmt: skip
     except Exception as e:
         env["faiss"] = {"version": f"error: {type(e).__name__}: {e}", "gpus": 0}
     ffmpeg = _command(["ffmpeg", "-version"])
     env["ffmpeg"] = ffmpeg.split(" Copyright")[0].strip() if not ffmpeg.startswith("error") else ffmpeg
+    env["ffprobe"] = shutil.which("ffprobe") is not None
+    # the modules only the shard building needs (found, not imported: that costs seconds)
+    env["modules"] = {m: importlib.util.find_spec(m) is not None for m in SHARD_MODULES}
     return env
 
 
@@ -736,8 +888,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="shards and caches (default: $GPU_CHECK_WORK or "
                    "/tmp/xdc-gpu-check)")  # fmt: skip
     p.add_argument(
-        "--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", DEFAULT_BUDGET_S))
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the tests and benchmarks "
+        f"(default $GPU_CHECK_BUDGET, or {DEFAULT_BUDGET_S:.0f}; {IMAGE_BUDGET_S:.0f} with --image)",
     )
+    p.add_argument("--deadline", type=float, default=None, help="every stage ends within this many seconds")
+    p.add_argument("--image", action="store_true", help="image mode: the lent GPU's own Python, no DALI "
+                   "or faiss-gpu, synthetic inputs (scripts/gpu_check.sh sets it)")  # fmt: skip
     p.add_argument("--only", help="comma-separated stages to run (see --list)")
     p.add_argument("--skip", help="comma-separated stages to leave out")
     p.add_argument("--list", action="store_true", help="print the stages and their commands, run nothing")
@@ -762,12 +921,17 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(args.env_json.read_text())
         return 0
     work = args.work or Path(os.environ.get("GPU_CHECK_WORK", "/tmp/xdc-gpu-check"))
-    ctx = Context(out=args.out.resolve(), work=work.resolve(), media=media, budget_s=args.budget)
+    budget = args.budget
+    if budget is None:
+        budget = float(os.environ.get("GPU_CHECK_BUDGET", IMAGE_BUDGET_S if args.image else DEFAULT_BUDGET_S))
+    ctx = Context(out=args.out.resolve(), work=work.resolve(), media=media, budget_s=budget, image=args.image,
+                  deadline_s=args.deadline)  # fmt: skip
     stages = select(plan(ctx), args.only, args.skip)
     if args.list:
         for s in stages:
-            budget = "budget" if s.budgeted else "own"
-            print(f"{s.name:13s} {s.kind:5s} {s.timeout_s:4.0f} s ({budget})  {' '.join(s.argv)}")
+            pool = "budget" if s.budgeted else "own"
+            requires = f" [requires {', '.join(s.requires)}]" if s.requires else ""
+            print(f"{s.name:16s} {s.kind:5s} {s.timeout_s:4.0f} s ({pool}){requires}  {' '.join(s.argv)}")
         return 0
     if args.report_only:
         results = Results.load(ctx)
@@ -781,6 +945,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(ctx.work / "inductor"),
            "XDC_GPU_SHARDS": str(ctx.shards), "XDC_GPU_WORK": str(ctx.work)}  # fmt: skip
+    if ctx.image:  # the tests' inputs without DALI, and their skip reasons for this machine
+        env.update(
+            {"XDC_GPU_CHECK_IMAGE": "1", "XDC_GPU_INPUTS": os.environ.get("XDC_GPU_INPUTS", "synthetic")}
+        )
     return run_all(ctx, stages, install_s=args.install_seconds, env=env)
 
 

@@ -6,7 +6,10 @@ test_gpu_check_cpu.py: the CPU-computable parts of these checks (tolerances, ref
 stage runner and its report), which run everywhere.
 
 Shards: the folder named by $XDC_GPU_SHARDS (made by `scripts/gpu_check.py --build-shards`, as
-`make gpu-check` does before the tests); without it, built once per session in a temporary folder.
+`make gpu-check` does before the tests); without it, built once per session in a temporary folder. Only
+DALI reads them: where nvidia-dali does not import (the lent GPU's image, docs/gpu-check.md) the tests
+that need them are skipped with the reason, and the step and DDP tests take synthetic inputs of the
+loader's shapes instead (gpu_helpers.input_mode).
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def gpu_shards(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The manifest of the check's shard sets: {"root", "sets": {name: {...}}, "missing": {name: why}}."""
-    from gpu_helpers import SHARDS_ENV, load_manifest
+    from gpu_helpers import SHARDS_ENV, load_manifest, require
 
+    require("dali")  # their only reader
     root = os.environ.get(SHARDS_ENV)
     if not root:
+        require("shard-tools")
         root = str(tmp_path_factory.mktemp("gpu-shards"))
         subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--build-shards", root],

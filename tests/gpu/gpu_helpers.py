@@ -42,7 +42,10 @@ MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 CHROMA = ("bilinear", "nearest")
 FIGURES_ENV = "XDC_GPU_CHECK_FIGURES"  # the stage runner points it at the stage's figures file
 SHARDS_ENV = "XDC_GPU_SHARDS"  # a folder built by `scripts/gpu_check.py --build-shards` (shards.json)
+INPUTS_ENV = "XDC_GPU_INPUTS"  # "loader" (DALI on the check's shards) or "synthetic"; see input_mode
+IMAGE_ENV = "XDC_GPU_CHECK_IMAGE"  # set by the stage runner in image mode (the lent GPU: no DALI, ...)
 LABEL_NMI_MIN = 0.99
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- figures: written as they are measured, so a stage cut off still leaves them -----------------
@@ -90,6 +93,121 @@ def run_group(argv: Sequence[str], timeout: float, **kwargs: Any):
         proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+# --- what this machine lacks: skips with the reason ----------------------------------------------
+
+
+def _image() -> bool:
+    return bool(os.environ.get(IMAGE_ENV))
+
+
+def missing_reason(what: str) -> str | None:
+    """Why `what` ("dali", "faiss-gpu" or "shard-tools") cannot be used here, or None when it can.
+
+    The reasons of the stage runner (scripts/gpu_check.py `unmet`), shorter, for `pytest tests/gpu` run
+    without it; in image mode the runner does not even start the stages that need these.
+    """
+    import importlib
+    import importlib.util
+    import shutil
+
+    if what == "dali":
+        try:
+            importlib.import_module("nvidia.dali")
+        except Exception as e:
+            why = f"nvidia-dali not importable ({type(e).__name__}: {e})"
+            if _image():
+                return f"{why}: DALI's wheel (788 MB installed) cannot be carried to this machine"
+            return f"{why}: install xdctools[gpu] (nvidia-dali-cuda120)"
+        return None
+    if what == "faiss-gpu":
+        try:
+            faiss = importlib.import_module("faiss")
+        except Exception as e:
+            why = f"faiss not importable ({type(e).__name__}: {e})"
+        else:
+            if faiss.get_num_gpus() >= 1:
+                return None
+            if hasattr(faiss, "StandardGpuResources"):
+                why = f"faiss {faiss.__version__} sees no GPU"
+            else:
+                why = f"faiss {faiss.__version__} is a CPU build (faiss-cpu)"
+        if _image():
+            return (
+                f"{why}: no faiss GPU build for this CUDA 13 image can be carried (faiss-gpu-cu12 is CUDA 12)"
+            )
+        return f"{why}: install xdctools[gpu] (faiss-gpu-cu12), not faiss-cpu"
+    if what == "shard-tools":
+        modules = {"av": "PyAV", "librosa": "librosa", "webdataset": "webdataset", "ffmpeg": "ffmpeg-python"}
+        lacking = [name for module, name in modules.items() if importlib.util.find_spec(module) is None]
+        lacking += [f"the {p} program" for p in ("ffmpeg", "ffprobe") if shutil.which(p) is None]
+        return f"building shards needs {', '.join(lacking)}, missing here" if lacking else None
+    raise ValueError(f"unknown requirement {what!r}")
+
+
+def require(*what: str) -> None:
+    """pytest.skip, naming every reason, unless all of `what` can be used here."""
+    import pytest
+
+    reasons = [why for w in what if (why := missing_reason(w))]
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+def input_mode() -> str:
+    """Where the step and DDP tests get their clips: $XDC_GPU_INPUTS ("loader": one batch of the GPU
+    loader on the check's shards; "synthetic": `synthetic_batch`), else the loader where DALI imports."""
+    mode = os.environ.get(INPUTS_ENV) or ("loader" if missing_reason("dali") is None else "synthetic")
+    if mode not in ("loader", "synthetic"):
+        raise ValueError(f"${INPUTS_ENV}={mode!r}: 'loader' or 'synthetic'")
+    return mode
+
+
+def synthetic_batch(batch: int, *, frames: int = 8, crop: int = 112, seed: int = 0) -> dict[str, Any]:
+    """A training batch of the GPU loader's shapes, dtypes and scale, made without DALI (on the CPU).
+
+    video float32 (B, 3, L, crop, crop) and audio float32 (B, 1, N_MELS, WINDOW_FRAMES), both like the
+    loader's normalised pixels and standardised log-mel (mean ~0, std ~1) and, like them, smooth:
+    coarse random fields (every 4 frames, 16 pixels; 4 mel bins, 4 mel frames) interpolated up, plus
+    10 % noise. The integer columns are those of a train batch. The same seed gives the same batch.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from xdctools.shard import format as fmt
+
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(batch, 3, max(frames // 4, 2), max(crop // 16, 2), max(crop // 16, 2), generator=gen)
+    video = F.interpolate(coarse, size=(frames, crop, crop), mode="trilinear", align_corners=False)
+    video = video / video.std() + 0.1 * torch.randn(video.shape, generator=gen)
+    coarse = torch.randn(batch, 1, fmt.N_MELS // 4, fmt.WINDOW_FRAMES // 4, generator=gen)
+    audio = F.interpolate(coarse, size=(fmt.N_MELS, fmt.WINDOW_FRAMES), mode="bilinear", align_corners=False)
+    audio = audio / audio.std() + 0.1 * torch.randn(audio.shape, generator=gen)
+    rows = torch.arange(batch, dtype=torch.int64)
+    return {
+        "video": video.contiguous(),
+        "audio": audio.contiguous(),
+        "index": rows,
+        "segment": torch.zeros(batch, dtype=torch.int64),
+        "frame": torch.zeros(batch, dtype=torch.int64),
+        "label": torch.full((batch,), -1, dtype=torch.int64),
+    }
+
+
+def torchrun() -> list[str]:
+    """The torchrun of this Python: the script beside it, or `python -m torch.distributed.run`."""
+    import sys
+
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def child_env(*paths: str | os.PathLike, **extra: str) -> dict[str, str]:
+    """os.environ (and `extra`) for a child Python that imports the repository and `paths`: they are
+    prepended to PYTHONPATH, never replace it (image mode puts the carried wheels' folder there)."""
+    entries = [*map(str, paths), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(p for p in entries if p)}
 
 
 # --- pixels ----------------------------------------------------------------------------------

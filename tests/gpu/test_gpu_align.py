@@ -20,6 +20,7 @@ FLASH_FIRST, FLASH_FRAMES = round(FLASH_TIME * FLASH_FPS), 3
 
 @pytest.fixture(scope="module", params=["vp9", "h264"])
 def flash(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    H.require("dali", "shard-tools")
     from xdctools.shard.params import ShardParams
     from xdctools.shard.plan import build_plan
     from xdctools.shard.run import run_shard

@@ -1,9 +1,15 @@
 """What `make gpu-check` computes without a GPU, run everywhere (not marked `gpu`, never skipped):
 
 - the stage runner (scripts/gpu_check.py): time limits that kill a hung stage and its children, figures
-  kept from a stage cut off, results.jsonl and report.md written after every stage, the budget, stages
-  that depend on a failed one, SIGTERM, the report rebuilt from results.jsonl, pytest output parsing;
-- scripts/gpu_check.sh without a CUDA device: one line, exit 6, at once, nothing installed;
+  kept from a stage cut off, results.jsonl and report.md written after every stage, the budget, the
+  deadline, stages that depend on a failed one, stages skipped with the reason where what they require
+  is missing (DALI, faiss-gpu, the shard tools: image mode), SIGTERM, the report rebuilt from
+  results.jsonl, pytest output parsing;
+- scripts/gpu_check.sh without a CUDA device: one line, exit 6, at once, nothing installed; its image
+  mode: the carried wheels installed with --no-index into a --target folder, then the torch check;
+- scripts/gpu_wheels.py's checks: requirements carried or in the image, one version of each, the size
+  of what a device call carries;
+- the synthetic inputs of the step and DDP tests (shapes, scale, determinism) and the tests' skips;
 - the shard building step (small: a few tiny videos, both codecs);
 - the helpers of the GPU tests (gpu_helpers.py): the decoding reference and tolerance against DALI's
   CPU decoder on synthetic and real clips, label agreement (NMI), assignment agreement, gradient
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import av
@@ -33,17 +40,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 SHELL = ROOT / "scripts" / "gpu_check.sh"
+WHEELS = ROOT / "scripts" / "gpu_wheels.py"
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up by name
+    sys.modules[name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
-runner = _load_runner()
+runner = _load("gpu_check", SCRIPT)
+wheels = _load("gpu_wheels", WHEELS)
 
 
 # --- the stage runner ---------------------------------------------------------------------------
@@ -219,6 +228,135 @@ def test_stage_list_names_every_command() -> None:
         assert (ROOT / "tests" / "gpu" / f"{module}.py").is_file()
 
 
+# What the lent GPU's image has (env.json as gather_env writes it there): no DALI, faiss-cpu, no shard tools.
+IMAGE_ENV = {
+    "torch": {"version": "2.11.0+cu130", "cuda": "13.0", "available": True},
+    "dali": "error: ModuleNotFoundError: No module named 'nvidia.dali'",
+    "faiss": {"version": "1.15.1", "gpus": 0, "gpu_build": False},
+    "ffmpeg": "error: [Errno 2] No such file or directory: 'ffmpeg'",
+    "ffprobe": False,
+    "modules": {"av": False, "librosa": False, "webdataset": False, "ffmpeg": False},
+}
+
+
+def test_unmet_requirements_say_why() -> None:
+    assert runner.unmet("dali", IMAGE_ENV, image=True) == (
+        "nvidia-dali not importable (ModuleNotFoundError: No module named 'nvidia.dali'): DALI's wheel "
+        f"({runner.DALI_SIZE}) cannot be carried to this machine, whose device calls carry 64 MiB in all "
+        "and which reaches no package index"
+    )
+    full_mode = runner.unmet("dali", IMAGE_ENV, image=False)
+    assert full_mode.endswith("install xdctools[gpu] (nvidia-dali-cuda120), as scripts/gpu_check.sh does")
+    faiss_gpu = runner.unmet("faiss-gpu", IMAGE_ENV, image=True)
+    assert faiss_gpu.startswith("faiss 1.15.1 is a CPU build (faiss-cpu): no faiss GPU build can be carried")
+    assert "faiss-gpu-cu12 needs CUDA 12" in faiss_gpu
+    assert runner.unmet("faiss", IMAGE_ENV, image=True) is None  # faiss-cpu carried: the CPU k-means runs
+    shard_tools = runner.unmet("shard-tools", IMAGE_ENV, image=True)
+    assert shard_tools == (
+        "building the check's shards needs PyAV, librosa, webdataset, ffmpeg-python, the ffmpeg and ffprobe "
+        "programs, missing here (not carried: only the DALI stages use the shards)"
+    )
+    full = {
+        **IMAGE_ENV,
+        "dali": "2.4.0",
+        "faiss": {"version": "1.14.1", "gpus": 1, "gpu_build": True},
+        "ffmpeg": "ffmpeg version 7.1",
+        "ffprobe": True,
+        "modules": dict.fromkeys(runner.SHARD_MODULES, True),
+    }
+    assert all(runner.unmet(r, full, image=False) is None for r in runner.REQUIREMENTS)
+    gone = {**full, "faiss": {"version": "error: ModuleNotFoundError: No module named 'faiss'", "gpus": 0}}
+    assert runner.unmet("faiss", gone, image=False).startswith("faiss not importable (ModuleNotFoundError")
+    blind = {**full, "faiss": {"version": "1.14.1", "gpus": 0, "gpu_build": True}}
+    assert runner.unmet("faiss-gpu", blind, image=False).startswith("faiss 1.14.1 sees no GPU: install")
+    assert runner.unmet("dali", {}, image=False).startswith("nvidia-dali not importable (not probed)")
+
+
+def test_image_mode_skips_with_the_reason_and_runs_the_rest(tmp_path: Path) -> None:
+    """The image mode's plan on a machine like the lent GPU: every stage that needs DALI, faiss-gpu or the
+    shard tools is skipped with its reason (not a failure: exit 0); the others run in order; the report
+    says image mode."""
+    ctx = runner.Context(out=tmp_path / "out", work=tmp_path / "work", image=True, budget_s=100)
+    planned = runner.plan(ctx)
+    assert planned[-1].name == "bench-kmeans-cpu"  # image mode only: last, it needs no GPU
+    assert "bench-kmeans-cpu" not in {s.name for s in runner.plan(runner.Context(out=ctx.out, work=ctx.work))}
+    stages = []
+    for s in planned:  # every stage that is started runs a stand-in that records its name
+        code = f"open({str(tmp_path / 'ran')!r}, 'a').write({s.name!r} + '\\n')"
+        if s.name == "env":
+            code += f"; open({str(ctx.out / 'env.json')!r}, 'w').write({json.dumps(IMAGE_ENV)!r})"
+        stages.append(runner.Stage(s.name, s.kind, 30, [sys.executable, "-c", code], s.what, s.needs,
+                                   s.budgeted, s.requires))  # fmt: skip
+    assert runner.run_all(ctx, stages, install_s=12.0, say=lambda _: None) == 0
+    ran = (tmp_path / "ran").read_text().split()
+    assert ran == ["env", "test-ddp", "test-step", "bench-speed", "bench-kmeans-cpu"]
+    records = runner.Results.load(ctx).records
+    skipped = {n: r.summary for n, r in records.items() if r.status == "skipped"}
+    assert set(skipped) == {
+        *("shards", "test-decode", "test-align", "test-faiss", "test-recipe"),
+        *("bench-loader", "bench-seek", "bench-kmeans"),
+    }
+    assert skipped["test-decode"] == runner.unmet("dali", IMAGE_ENV, image=True)
+    assert skipped["shards"] == "; ".join(
+        [runner.unmet("dali", IMAGE_ENV, True), runner.unmet("shard-tools", IMAGE_ENV, True)]
+    )
+    assert skipped["bench-kmeans"] == runner.unmet("faiss-gpu", IMAGE_ENV, image=True)
+    assert records["install"].what.startswith("image mode: carried wheels")
+    report = (ctx.out / "report.md").read_text()
+    assert "**Image mode**" in report and "| test-faiss | " in report
+    assert "| skipped | 0 / - | faiss 1.15.1 is a CPU build (faiss-cpu): no faiss GPU build" in report
+
+
+def test_requirements_read_once_and_only_when_a_stage_has_some(tmp_path: Path) -> None:
+    ctx = runner.Context(out=tmp_path / "out", work=tmp_path, image=True)
+    probed = []
+
+    def machine() -> dict:
+        probed.append(1)
+        return IMAGE_ENV
+
+    stages = [
+        _stage("plain", "print('x')"),
+        _stage("needs-dali", "print('never')", requires=("dali",)),
+        _stage("needs-faiss", "print('x')", requires=("faiss",)),
+    ]
+    assert runner.run_all(ctx, stages, say=lambda _: None, machine=machine) == 0
+    records = runner.Results.load(ctx).records
+    assert [records[n].status for n in ("plain", "needs-dali", "needs-faiss")] == [
+        "passed",
+        "skipped",
+        "passed",
+    ]
+    assert probed == [1]  # once, and only when a stage requires something
+
+
+def test_deadline_caps_every_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "MIN_STAGE_S", 1.0)
+    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.5)
+    ctx = runner.Context(out=tmp_path / "out", work=tmp_path, budget_s=100, deadline_s=3.0)
+    stages = [
+        _stage("setup", "time.sleep(30)", kind="setup", budgeted=False),  # own limit 30 s, capped to ~2 s
+        _stage("after", "print('x')"),
+    ]
+    t0 = time.monotonic()
+    assert runner.run_all(ctx, stages, say=lambda _: None) == runner.EXIT_FAILED
+    assert time.monotonic() - t0 < 10
+    records = runner.Results.load(ctx).records
+    assert records["setup"].status == "timeout" and records["setup"].limit_s <= 2.0
+    assert records["after"].status == "not-run" and records["after"].summary == "deadline reached (3 s)"
+
+
+def test_image_stage_list() -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--list", "--image", "--work", "/tmp/w"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "[requires dali]" in lines["test-decode"] and "[requires faiss-gpu]" in lines["test-faiss"]
+    assert "requires" not in lines["test-step"] and "requires" not in lines["test-ddp"]
+    assert "benchmarks/cluster.py --device cpu --kmeans 1000000" in lines["bench-kmeans-cpu"]
+
+
 # --- scripts/gpu_check.sh without a GPU -----------------------------------------------------------
 
 
@@ -263,6 +401,184 @@ def test_no_cuda_device_stops_at_once_with_code_6(tmp_path: Path, nvidia_smi, vi
         assert proc.returncode == 2
         assert proc.stderr.splitlines()[0].startswith("Error: no CUDA device visible: nvidia-smi not found")
         assert "Error 6" in proc.stderr
+
+
+def _wheel(folder: Path, name: str, version: str = "1.0", requires: tuple[str, ...] = ()) -> Path:
+    """A minimal pure-Python wheel of one module `name`, that pip installs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": "\n".join(
+            ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+            + [f"Requires-Dist: {r}" for r in requires]
+        )
+        + "\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in files.items():
+            z.writestr(member, text)
+        z.writestr(f"{info}/RECORD", "".join(f"{m},,\n" for m in [*files, f"{info}/RECORD"]))
+    return path
+
+
+def _image_mode(tmp_path: Path, wheel_dir: Path, **extra: str) -> subprocess.CompletedProcess:
+    fake = tmp_path / "bin"
+    if not fake.is_dir():
+        _bin(tmp_path, "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'")
+    env = {
+        **os.environ,
+        **{"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable},
+        **{"GPU_CHECK_IMAGE": "1", "GPU_CHECK_WHEELS": str(wheel_dir), "GPU_VENV": str(tmp_path / "venv")},
+        **{"GPU_CHECK_SITE": str(tmp_path / "site"), "GPU_CHECK_OUT": str(tmp_path / "out")},
+        **extra,
+    }
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(["bash", str(SHELL)], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_image_mode_installs_the_carried_wheels_without_an_index(tmp_path: Path) -> None:
+    """GPU_CHECK_IMAGE=1 (a fake nvidia-smi that lists a GPU): no venv, no apt, no index; the wheels go into
+    the --target folder, which comes first on PYTHONPATH; then the torch check, which stops this CPU
+    torch with exit 6 before any stage (a CUDA torch goes on to scripts/gpu_check.py --image)."""
+    _wheel(tmp_path / "wheels", "xdc_probe_pkg", "0.3")
+    proc = _image_mode(tmp_path, tmp_path / "wheels")
+    assert proc.returncode == 6, proc.stderr
+    assert "[gpu-check] image mode: " in proc.stdout and "1 wheels from" in proc.stdout
+    assert (tmp_path / "site" / "xdc_probe_pkg" / "__init__.py").read_text() == "VERSION = '0.3'\n"
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"Error: image mode: the torch of {sys.executable} is not a CUDA build")
+    assert not (tmp_path / "venv").exists()
+    log = (tmp_path / "out" / "install.log").read_text()
+    assert "xdc_probe_pkg-0.3-py3-none-any.whl" in log
+
+    proc = _image_mode(tmp_path, tmp_path / "none")  # nothing carried
+    assert proc.returncode == 6
+    none = tmp_path / "none"
+    assert proc.stderr.splitlines() == [
+        f"Error: image mode: no wheels in {none}/ (run bash scripts/gpu_wheels.sh where an index is "
+        f"reachable, and carry {none})"
+    ]
+    proc = _image_mode(tmp_path, tmp_path / "wheels", GPU_CHECK_IMAGE="maybe")
+    assert (
+        proc.returncode == 2
+        and "GPU_CHECK_IMAGE='maybe': 1 (image mode), 0 (full mode) or auto" in proc.stderr
+    )
+
+
+# --- scripts/gpu_wheels.py ----------------------------------------------------------------------
+
+
+def test_wheel_closure_and_what_a_run_call_carries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    have = tmp_path / "ok"
+    _wheel(have, "alpha", "1.0", ("beta>=2", "numpy>=1.24", 'gamma; extra == "docs"',
+                                  'delta; python_version < "3.0"'))  # fmt: skip
+    _wheel(have, "beta", "2.1")
+    _wheel(have, "typing_extensions", "4.16.0")  # in the image, carried on purpose (pydantic needs >= 4.16)
+    assert wheels.closure_problems(sorted(have.glob("*.whl")), "3.12") == []
+
+    bad = tmp_path / "bad"
+    _wheel(bad, "alpha", "1.0", ("beta>=2", "missing-thing", 'py312only; python_version >= "3.12"'))
+    _wheel(bad, "beta", "1.5")
+    _wheel(bad, "click", "8.0")  # the image has click
+    problems = wheels.closure_problems(sorted(bad.glob("*.whl")), "3.12")
+    alpha = "alpha-1.0-py3-none-any.whl needs"
+    assert sorted(problems) == sorted([
+        f"{alpha} beta>=2, the carried beta is 1.5",
+        f"{alpha} missing-thing: neither carried nor in the image",
+        f'{alpha} py312only; python_version >= "3.12": neither carried nor in the image',
+        "click is in the image already: carrying it shadows the image's version",
+    ])  # fmt: skip
+    assert not any("py312only" in p for p in wheels.closure_problems(sorted(bad.glob("*.whl")), "3.11"))
+    _wheel(bad / "again", "beta", "2.0")
+    two = wheels.closure_problems([*bad.glob("*.whl"), *(bad / "again").glob("*.whl")], "3.12")
+    assert "two wheels of beta: pip stops the whole install" in two
+
+    # what travels: tracked and untracked-not-ignored files, shared/, the wheels, other carried paths
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text(".whl/\nbig.bin\nmedia/\n")
+    (repo / "a.txt").write_bytes(b"x" * 100)
+    (repo / "big.bin").write_bytes(b"x" * 5000)  # ignored: does not travel
+    (repo / "shared").mkdir()
+    (repo / "shared" / "clip.bin").write_bytes(b"x" * 30)
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "w.whl").write_bytes(b"x" * 50)
+    (repo / "media").mkdir()
+    (repo / "media" / "c.mp4").write_bytes(b"x" * 7)
+    tree, files = wheels.tree_bytes(repo)
+    assert (tree, files) == (100 + len(".whl/\nbig.bin\nmedia/\n") + 30, 2)
+    sizes = wheels.measure(repo / ".whl", [repo / "media"], repo)
+    assert sizes == {"tree": tree, "wheels": 50, "other": 7, "total": tree + 57}
+
+    # the limit: this repository and an empty wheel folder fit; over the limit, exit 1 and why
+    (tmp_path / "empty").mkdir()
+    assert wheels.main(["--measure", "--dest", str(tmp_path / "empty")]) == 0
+    monkeypatch.setattr(wheels, "LIMIT_BYTES", 1000)
+    assert wheels.main(["--measure", "--dest", str(tmp_path / "empty")]) == 1
+
+
+# --- the step and DDP tests' inputs without DALI, and the tests' skips ------------------------------
+
+
+def test_synthetic_batch_has_the_loaders_shapes_and_scale() -> None:
+    batch = H.synthetic_batch(4, frames=8, crop=112, seed=0)
+    assert batch["video"].shape == (4, 3, 8, 112, 112) and batch["audio"].shape == (4, 1, 40, 100)
+    assert batch["video"].dtype == batch["audio"].dtype == torch.float32
+    assert batch["index"].tolist() == [0, 1, 2, 3] and batch["label"].tolist() == [-1] * 4
+    for key in ("video", "audio"):
+        x = batch[key]
+        assert abs(float(x.mean())) < 0.2 and 0.9 < float(x.std()) < 1.1, key
+        # smooth like pictures and spectrograms: neighbouring values are strongly correlated
+        a, b = x[..., :-1].flatten(), x[..., 1:].flatten()
+        assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.8, key
+    again, other = H.synthetic_batch(4, seed=0), H.synthetic_batch(4, seed=1)
+    assert torch.equal(again["video"], batch["video"]) and torch.equal(again["audio"], batch["audio"])
+    assert not torch.equal(other["video"], batch["video"])
+
+
+def test_input_mode_and_child_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(H.INPUTS_ENV, "synthetic")
+    assert H.input_mode() == "synthetic"
+    monkeypatch.setenv(H.INPUTS_ENV, "loader")
+    assert H.input_mode() == "loader"
+    monkeypatch.setenv(H.INPUTS_ENV, "pixels")
+    with pytest.raises(ValueError, match="'loader' or 'synthetic'"):
+        H.input_mode()
+    monkeypatch.delenv(H.INPUTS_ENV)
+    assert H.input_mode() == ("loader" if H.missing_reason("dali") is None else "synthetic")
+
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    env = H.child_env("/x/tests", OMP_NUM_THREADS="4")
+    assert env["PYTHONPATH"] == os.pathsep.join(["/x/tests", str(ROOT), "/tmp/site"])
+    assert env["OMP_NUM_THREADS"] == "4"
+    launcher = H.torchrun()
+    assert Path(launcher[0]).is_file() and (
+        len(launcher) == 1 or launcher[1:] == ["-m", "torch.distributed.run"]
+    )
+
+
+def test_missing_dependencies_skip_the_tests_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    monkeypatch.delenv(H.IMAGE_ENV, raising=False)
+    if faiss.get_num_gpus() == 0:  # this CPU machine's faiss-cpu
+        why = H.missing_reason("faiss-gpu")
+        assert why == (f"faiss {faiss.__version__} is a CPU build (faiss-cpu): install xdctools[gpu] "
+                       "(faiss-gpu-cu12), not faiss-cpu")  # fmt: skip
+        monkeypatch.setenv(H.IMAGE_ENV, "1")
+        assert "no faiss GPU build for this CUDA 13 image can be carried" in H.missing_reason("faiss-gpu")
+        with pytest.raises(pytest.skip.Exception, match="is a CPU build"):
+            H.require("shard-tools", "faiss-gpu")
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if DALI were not installed
+    assert H.missing_reason("dali").startswith("nvidia-dali not importable (ModuleNotFoundError")
+    assert H.input_mode() == "synthetic"
+    assert H.missing_reason("shard-tools") is None  # PyAV, librosa, webdataset, ffmpeg here
+    with pytest.raises(ValueError, match="unknown requirement"):
+        H.missing_reason("a-gpu")
 
 
 # --- the shard building step ------------------------------------------------------------------

@@ -4,32 +4,36 @@ DDP-wrapped XDC step that equals the plain step on the same clips.
 `trainer.distributed.init` starts the process group whenever torchrun launched the process, even alone,
 and `loop.wrap_for_training` then wraps the learner in DDP: one GPU runs the nccl path N GPUs run. The
 loop under torchrun is run by test_gpu_recipe.py.
+
+The batch: one from the GPU loader on the check's shards where DALI imports, else (the lent GPU's image,
+or XDC_GPU_INPUTS=synthetic) `gpu_helpers.synthetic_batch` of the same shapes: what is compared is the
+DDP step against the plain step on the same batch, whatever its pixels.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import gpu_helpers as H
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 240
 
 DRIVER = """
 import copy, json, os, sys
 import torch, torch.distributed as dist, yaml
 from torch import nn
+import gpu_helpers as H
 from trainer import distributed, loop
 from trainer.data import ClipSpec, Runtime, find_shards, train_loader
 from trainer.optim import build_optimizer
 from trainer.step import make_scaler, train_step
 from xdctools.recipe import parse_recipe
 
-shards_root, out = sys.argv[1:3]
+shards_root, out = sys.argv[1:3]  # shards_root "synthetic": H.synthetic_batch instead of the loader
 checks = {"env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}}
 d = distributed.init("gpu")
 checks["library_group"] = dist.is_initialized()
@@ -51,9 +55,12 @@ learner = loop.build_learner(recipe, {"video": 8, "audio": 8}).to(device)
 plain = copy.deepcopy(learner)
 ddp = loop.wrap_for_training(learner, recipe, d)  # the loop's own wrapping: DDP under torchrun
 checks["wrapped"] = isinstance(ddp, nn.parallel.DistributedDataParallel)
-run = Runtime(device="gpu", num_threads=4, seed=0)
-batch = next(iter(train_loader(find_shards(shards_root, "train"), batch_size=8, epoch_size=8,
-                               clip=ClipSpec(crop=112), run=run)))
+if shards_root == "synthetic":
+    batch = H.synthetic_batch(8, crop=112)
+else:
+    run = Runtime(device="gpu", num_threads=4, seed=0)
+    batch = next(iter(train_loader(find_shards(shards_root, "train"), batch_size=8, epoch_size=8,
+                                   clip=ClipSpec(crop=112), run=run)))
 gen = torch.Generator().manual_seed(0)
 targets = {key: {"labels": torch.randint(0, 8, (8,), generator=gen).to(device),
                  "train": torch.ones(8, device=device), "val": torch.zeros(8, device=device)}
@@ -74,16 +81,21 @@ distributed.cleanup()
 """
 
 
-def test_torchrun_one_process_nccl_ddp_step(gpu_shards: dict, tmp_path: Path) -> None:
-    shards = H.shard_set(gpu_shards, "synth-vp9")
+def test_torchrun_one_process_nccl_ddp_step(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    inputs = H.input_mode()
+    if inputs == "synthetic":
+        shards = "synthetic"
+    else:
+        shards = str(H.shard_set(request.getfixturevalue("gpu_shards"), "synth-vp9"))
     (tmp_path / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "4"}
-    argv = [str(TORCHRUN), "--standalone", "--nproc_per_node=1", str(tmp_path / "driver.py"), str(shards)]
+    env = H.child_env(HERE, OMP_NUM_THREADS="4")
+    argv = [*H.torchrun(), "--standalone", "--nproc_per_node=1", str(tmp_path / "driver.py"), shards]
     proc = H.run_group([*argv, str(tmp_path)], TIMEOUT_S, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:]
     checks = json.loads((tmp_path / "rank0.json").read_text())
     H.record(
         "torchrun 1 process, nccl",
+        inputs=inputs,
         backend=checks["backend"],
         library_started_a_group=checks["library_group"],
         ddp_vs_plain_max_abs=checks["max_abs_diff"],

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import gpu_helpers as H
 import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _faiss_gpu() -> None:
+    H.require("faiss-gpu")
 
 
 def test_faiss_sees_the_gpu() -> None:

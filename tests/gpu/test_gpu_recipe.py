@@ -8,14 +8,11 @@ XDC, width 1, bf16 autocast, channels-last, batch 32, lr 0.01, SGD, k-means on G
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import gpu_helpers as H
 
 ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 RECIPE = ROOT / "recipes" / "pretrain" / "kinetics-xdc.yaml"
 STEPS, BATCH = 20, 32
 TIMEOUT_S = 280
@@ -38,9 +35,9 @@ def test_kinetics_recipe_20_steps_on_gpu(gpu_shards: dict, tmp_path: Path) -> No
     shards = H.shard_set(gpu_shards, "synth-vp9")
     sets = [arg for key, value in overrides(shards).items() for arg in ("--set", f"{key}={value}")]
     out = tmp_path / "run"
-    argv = [str(TORCHRUN), "--standalone", "--nproc_per_node=1", "-m", "xdctools", "train", str(RECIPE)]
+    argv = [*H.torchrun(), "--standalone", "--nproc_per_node=1", "-m", "xdctools", "train", str(RECIPE)]
     argv += [*sets, "--out", str(out), "--no-resume", "--quiet"]
-    proc = H.run_group(argv, TIMEOUT_S, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = H.run_group(argv, TIMEOUT_S, cwd=ROOT, env=H.child_env())
     (tmp_path / "train.log").write_text(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:]
 
