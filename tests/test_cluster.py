@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import json
 import tarfile
+import tempfile
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -13,23 +16,28 @@ import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from faiss.contrib.clustering import DatasetAssign
+from faiss.contrib.clustering import DatasetAssign, reassign_centroids
 from faiss.contrib.clustering import kmeans as contrib_kmeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from xdctools.cluster import assign as assign_module
+from xdctools.cluster import kmeans as kmeans_module
 from xdctools.cluster.assign import ChunkAssign, StoreRows, l2_normalize
 from xdctools.cluster.kmeans import (
     RESEED_ROUNDS,
     cluster_array,
     cluster_store,
+    cluster_store_to,
     load_result,
     reseed_centroids,
     sample_rows,
     save_result,
+    write_result_files,
 )
 from xdctools.cluster.report import cluster_metrics, format_table, purity, rank_clusters, top_bottom
+from xdctools.cluster.rowfiles import Float64Sum, NpyColumn, npy_header
 from xdctools.commands.cluster import cluster
-from xdctools.errors import ConfigError, DataError
+from xdctools.errors import ConfigError, DataError, InputError
 from xdctools.features.store import create_store, open_store
 from xdctools.shard.format import encode_info, make_key
 
@@ -399,6 +407,252 @@ def test_bad_inputs_fail_cleanly(store_path: Path, fsdd: dict, tmp_path: Path) -
     if faiss.get_num_gpus() == 0:  # faiss-cpu: asking for a GPU is an error, "auto" falls back to the CPU
         with pytest.raises(ConfigError, match=r"0 GPU\(s\) visible to faiss"):
             cluster_store(store_path, k=2, gpu=True)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def in_memory_reference(
+    x: np.ndarray, k: int, *, niter: int, seed: int, spc: int, refine: int, spherical: bool
+):
+    """Out-of-core k-means as it was computed before the per-row outputs went to disk: every per-row array
+    whole in memory (one block, as a 360-row store streams), then np.save. Returns labels, distances,
+    centroids, objective, sizes and the number of re-seeding passes."""
+    if spherical:
+        x = l2_normalize(x.copy())
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, max_points_per_centroid=spc,
+                      min_points_per_centroid=1)  # fmt: skip
+    km.train(x[sample_rows(len(x), k * spc, seed)])
+    centroids = np.ascontiguousarray(km.centroids)
+
+    def search(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = faiss.IndexFlatIP(x.shape[1]) if spherical else faiss.IndexFlatL2(x.shape[1])
+        index.add(c)
+        d, i = index.search(x, 1)
+        d, i = d[:, 0], i[:, 0]
+        if spherical:
+            d = np.einsum("ij,ij->i", x, x) + np.einsum("ij,ij->i", c, c)[i] - 2 * d
+        return d, i
+
+    rs = np.random.RandomState(seed + 1)
+    for _ in range(refine):
+        _, labels = search(centroids)
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros((k, x.shape[1]))
+        np.add.at(sums, labels, x.astype(np.float64))
+        centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        reassign_centroids(counts.copy(), centroids, rs)
+        if spherical:
+            l2_normalize(centroids)
+    dist, labels = search(centroids)
+    rs, rounds = np.random.RandomState(seed + 2), 0
+    while rounds < RESEED_ROUNDS and not (counts := np.bincount(labels, minlength=k)).all():
+        centroids, n = reseed_centroids(centroids, counts, rs, spherical=spherical)
+        if n == 0:
+            break
+        dist, labels = search(centroids)
+        rounds += 1
+    return {
+        "labels": labels.astype(np.int32),
+        "distances": dist,
+        "centroids": centroids,
+        "objective": float(dist.sum(dtype=np.float64)),
+        "mean_distance": float(dist.mean(dtype=np.float64)),
+        "sizes": np.bincount(labels, minlength=k).tolist(),
+        "rounds": rounds,
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(view="video", k=12, niter=10, seed=4, spc=8, refine=2, spherical=False),
+        dict(view="audio", k=10, niter=10, seed=1, spc=256, refine=1, spherical=True),
+        dict(view="collapsed", k=32, niter=10, seed=0, spc=1, refine=0, spherical=False),  # re-seeds
+        dict(view="collapsed", k=32, niter=10, seed=0, spc=1, refine=0, spherical=True),  # re-seeds
+    ],
+    ids=["video-refine", "audio-spherical", "reseed", "reseed-spherical"],
+)
+def test_outputs_on_disk_are_byte_identical_to_the_in_memory_computation(
+    fsdd: dict, store_path: Path, tmp_path: Path, case: dict
+) -> None:
+    if case["view"] == "collapsed":  # the real rows plus 100 copies of one: clusters left empty, re-seeded
+        x = collapsed(fsdd)
+        feats = {"audio": x, "index": np.arange(len(x), dtype=np.int64) * 5 + 2}
+        path, view = make_store(tmp_path / "c.zarr", feats, modalities=("audio",)), "audio"
+    else:
+        feats, path, view = fsdd, store_path, case["view"]
+    x = feats[view].astype(np.float16).astype(np.float32)
+    kw = dict(k=case["k"], niter=case["niter"], seed=case["seed"], sample_per_centroid=case["spc"])
+    kw.update(refine=case["refine"], spherical=case["spherical"], gpu=False)
+    ref = in_memory_reference(x, case["k"], niter=case["niter"], seed=case["seed"], spc=case["spc"],
+                              refine=case["refine"], spherical=case["spherical"])  # fmt: skip
+    expected = {
+        "labels.npy": npy_bytes(ref["labels"]),
+        "distances.npy": npy_bytes(ref["distances"]),
+        "index.npy": npy_bytes(feats["index"].astype(np.int64)),
+        "centroids.npy": npy_bytes(ref["centroids"]),
+    }
+
+    result = cluster_store(path, view=view, **kw)
+    assert result.stats["reseeded"]["rounds"] == ref["rounds"]
+    if case["view"] == "collapsed":
+        assert ref["rounds"] >= 1 and result.stats["reseeded"]["empty_before"] > 0  # files rewritten in place
+    for name in ("labels", "distances", "index"):  # on disk, mapped read-only, usable as arrays
+        array = getattr(result, name)
+        assert isinstance(array, np.memmap) and not array.flags.writeable
+    assert result.labels.tobytes() == ref["labels"].tobytes()
+    assert result.stats["objective"] == ref["objective"]  # tallied block by block, summed as numpy sums
+    assert result.stats["mean_distance"] == ref["mean_distance"]
+    assert result.stats["sizes"] == ref["sizes"] == result.sizes.tolist()
+
+    saved = save_result(result, tmp_path / "saved")
+    args = [str(path), "--k", str(case["k"]), "--view", view, "--niter", str(case["niter"])]
+    args += ["--seed", str(case["seed"]), "--sample-per-centroid", str(case["spc"])]
+    args += ["--refine", str(case["refine"]), "--no-gpu", "-o", str(tmp_path / "cli")]
+    res = CliRunner().invoke(cluster, [*args, "--spherical"] if case["spherical"] else args)
+    assert res.exit_code == 0, res.output
+    for folder in (saved, tmp_path / "cli"):
+        for name, data in expected.items():
+            assert (folder / name).read_bytes() == data, (folder, name)
+        stats = json.loads((folder / "stats.json").read_text())
+        assert stats["objective"] == ref["objective"] and stats["sizes"] == ref["sizes"]
+
+
+def test_per_row_files_are_written_in_the_workdir_and_linked_not_copied(
+    store_path: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    result = cluster_store(store_path, k=6, view="audio", niter=5, seed=0, workdir=work)
+    assert sorted(p.name for p in work.iterdir()) == ["distances.npy", "index.npy", "labels.npy"]
+    assert Path(result.labels.filename) == work / "labels.npy"
+    inode = {p.name: p.stat().st_ino for p in work.iterdir()}
+    write_result_files(result, work)  # the folder they were built in: kept as they are
+    assert {
+        p.name: p.stat().st_ino for p in work.iterdir() if p.suffix == ".npy" and p.name in inode
+    } == inode
+    out = save_result(result, tmp_path / "out")  # elsewhere on the same filesystem: hard links
+    assert {name: (out / name).stat().st_ino for name in inode} == inode
+
+    result.labels = np.asarray(result.labels).copy()  # replaced by another array: saved from memory
+    result.labels[0] = (result.labels[0] + 1) % 6
+    other = save_result(result, tmp_path / "other")
+    assert (other / "labels.npy").stat().st_ino != inode["labels.npy"]
+    np.testing.assert_array_equal(np.load(other / "labels.npy"), result.labels)
+    assert (out / "labels.npy").read_bytes() == (work / "labels.npy").read_bytes()
+
+    saved = {name: (out / name).read_bytes() for name in inode}
+    again = cluster_store(store_path, k=3, view="video", niter=5, seed=1, workdir=work)  # same workdir
+    assert (work / "labels.npy").stat().st_ino != inode["labels.npy"]  # new files: the links keep theirs
+    assert {name: (out / name).read_bytes() for name in inode} == saved
+    assert again.labels.max() == 2 and result.files["distances"][1].max() > 0
+
+
+def test_the_default_scratch_folder_goes_with_the_result(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = cluster_store(store_path, k=6, view="audio", niter=5, seed=0)
+    (scratch,) = tmp_path.glob("xdctools-cluster-*")
+    out = save_result(result, tmp_path / "out")
+    labels = result.labels  # what the training loop keeps: usable after the result (and its files) go
+    expected = np.load(out / "labels.npy")
+    del result
+    gc.collect()
+    assert not scratch.exists() and (out / "labels.npy").exists()
+    np.testing.assert_array_equal(labels, expected)
+
+    bad = {"audio": np.full((64, 4), np.nan, np.float32), "index": np.arange(64)}
+    path = make_store(tmp_path / "bad.zarr", bad, modalities=("audio",))
+    with pytest.raises(DataError, match="not finite"):  # a failed clustering leaves no scratch folder
+        cluster_store(path, k=2, view="audio")
+    assert list(tmp_path.glob("xdctools-cluster-*")) == []
+
+
+def test_cluster_store_to_writes_the_rows_into_the_output_folder_and_no_scratch(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    kw = dict(k=6, view="audio", niter=5, seed=0, gpu=False)
+    out = tmp_path / "out"
+    result = cluster_store_to(
+        out, store_path, extra_files=lambda r: {"n.txt": str(len(r.labels)).encode()}, **kw
+    )
+    assert list(tmp_path.glob("xdctools-cluster-*")) == [] and list(tmp_path.glob(".out.*")) == []
+    assert {name: path for name, (path, _) in result.files.items()} == {
+        name: out / f"{name}.npy" for name in ("labels", "distances", "index")
+    }
+    reference = save_result(cluster_store(store_path, **kw), tmp_path / "reference")
+    for name in ("labels.npy", "distances.npy", "index.npy", "centroids.npy"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert (out / "n.txt").read_text() == str(len(result.labels))
+    with pytest.raises(InputError, match="already exists"):  # an existing folder is kept without overwrite
+        cluster_store_to(out, store_path, **kw)
+    again = cluster_store_to(out, store_path, overwrite=True, **{**kw, "k": 3})
+    assert np.load(out / "labels.npy").max() == 2 and np.array_equal(
+        np.asarray(again.labels), np.load(out / "labels.npy")
+    )
+
+
+def test_npy_column_writes_what_np_save_writes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for dtype in (np.int32, np.float32, np.int64):
+        for n in (1, 7, 1000):
+            values = rng.integers(-5, 1000, n).astype(dtype)
+            column = NpyColumn(tmp_path / "c.npy", n, dtype)
+            for start in rng.permutation(range(0, n, 3)):  # any order
+                column.write(int(start), values[start : start + 3])
+            column.write(0, values[:1])  # again: overwritten in place
+            np.testing.assert_array_equal(column.read(0, n), values)
+            mapped = column.finish()
+            assert (tmp_path / "c.npy").read_bytes() == npy_bytes(values)
+            assert mapped.dtype == dtype and not mapped.flags.writeable
+    header = npy_header(10**12, np.dtype(np.int64))  # a huge column: still format 1.0, 64-byte aligned
+    assert len(header) % 64 == 0
+    f = io.BytesIO(header)
+    assert np.lib.format.read_magic(f) == (1, 0)
+    assert np.lib.format.read_array_header_1_0(f) == ((10**12,), False, np.dtype(np.int64))
+    with pytest.raises(ValueError, match="outside"):
+        NpyColumn(tmp_path / "d.npy", 2, np.int32).write(1, np.zeros(2, np.int32))
+
+
+def test_float64_sum_of_a_stream_is_numpys_sum_of_the_whole() -> None:
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 8191, 8192, 8193, 50_000, 123_457):
+        x = (rng.standard_normal(n) ** 2 * 10.0 ** rng.uniform(-3, 6, n)).astype(np.float32)
+        cuts = np.sort(rng.integers(0, n + 1, 12))
+        total = Float64Sum()
+        for part in np.split(x, cuts):
+            total.add(part)
+        assert total.value == float(x.sum(dtype=np.float64)) and total.count == n
+
+
+def test_peak_memory_does_not_grow_with_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python-side allocations (numpy arrays included) traced by tracemalloc: deterministic, unlike RSS. Small
+    # blocks, so 20k and 80k rows stream through many; per-row outputs in memory would add 16 B a row (~1 MB).
+    monkeypatch.setattr(assign_module, "BLOCK_BYTES", 32 << 10)
+    monkeypatch.setattr(assign_module, "READ_BYTES", 8 << 10)
+    monkeypatch.setattr(kmeans_module, "META_ROWS", 2048)
+    peaks = {}
+    for n in (20_000, 80_000):
+        x = np.random.default_rng(n).standard_normal((n, 8)).astype(np.float32)
+        store = create_store(tmp_path / f"{n}.zarr", n, {"video": 8}, chunk_rows=512)
+        store.write_rows(0, {"video": x}, np.arange(n))
+        gc.collect()
+        tracemalloc.start()
+        try:
+            result = cluster_store(store.path, k=4, niter=4, seed=0, sample_per_centroid=64, refine=1)
+            save_result(result, tmp_path / f"out{n}")
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(np.load(tmp_path / f"out{n}" / "labels.npy")) == n
+        del result
+    assert peaks[80_000] < peaks[20_000] + 200_000, peaks  # 60k more rows: under 4 bytes a row more
 
 
 def write_shards(folder: Path, fsdd: dict) -> None:

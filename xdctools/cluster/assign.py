@@ -3,8 +3,10 @@
 `ChunkAssign` has the interface of faiss.contrib.clustering's DatasetAssign (count, dim, get_subset,
 perform_search, assign_to), so `faiss.contrib.clustering.kmeans` and our own Lloyd passes run over a
 store without loading it: each pass reads whole store chunks in order, a background thread reading
-and converting the next block while faiss assigns the current one. Memory is two blocks plus the
-per-row outputs (labels int64 and distances float32 during a pass).
+and converting the next block while faiss assigns the current one. `tally_pass` writes each block's
+labels and distances into columns (files, for a store: rowfiles.py) as it goes, so its memory is two
+blocks whatever N is; `perform_search` and `assign_to` (the faiss interface) return in-memory per-row
+arrays (labels int64 and distances float32).
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from typing import Protocol
 
 import faiss
 import numpy as np
-import scipy.sparse
 
+from xdctools.cluster.rowfiles import Column, PassTally, block_sums
 from xdctools.errors import ConfigError, DataError
 from xdctools.features.store import FeatureStore
 
 VIEWS = ("video", "audio", "cdc")
 BLOCK_BYTES = 16 << 20  # float32 bytes per streamed block (two live at a time)
+# Stored bytes per store read (whole chunks): a block is filled by several reads, so the arrays each read
+# allocates stay small. With one read per block, glibc kept ~60 MB more of freed read buffers, a plateau
+# reached only after a few hundred blocks, so the peak RSS grew with N up to it (1M vs 8M rows x 64 dims:
+# +15 MB); with 4 MiB reads it is ~40 MB lower and reached within the first pass, for ~10% more read time.
+READ_BYTES = 4 << 20
 Progress = Callable[[str, int, int], None]  # (stage, done, total) in rows or iterations
 
 
@@ -67,7 +74,10 @@ class StoreRows:
         col = 0
         for m in self.parts:
             d = self.store.dims[m]
-            np.copyto(out[: stop - start, col : col + d], self.store.read(m, start, stop))
+            step = max(1, READ_BYTES // (d * self.store.dtype.itemsize) // self.chunk_rows) * self.chunk_rows
+            for a in range(start, stop, step):
+                b = min(a + step, stop)
+                np.copyto(out[a - start : b - start, col : col + d], self.store.read(m, a, b))
             if self.view == "cdc":
                 l2_normalize(out[: stop - start, col : col + d])
             col += d
@@ -256,12 +266,34 @@ class ChunkAssign:
         for start, block, d, i in self._search_blocks(centroids):
             stop = start + len(block)
             dist[start:stop], labels[start:stop] = d, i
-            ok = i >= 0
-            w = np.ones(len(block)) if weights is None else np.asarray(weights[start:stop], dtype=np.float64)
-            onehot = scipy.sparse.csr_matrix((w[ok], (i[ok], np.flatnonzero(ok))), shape=(k, len(block)))
-            sums += onehot @ block.astype(np.float64)
+            sums += block_sums(block, i, k, None if weights is None else weights[start:stop])
         self._finish_pass()
         return labels, dist, sums
+
+    def tally_pass(
+        self,
+        centroids: np.ndarray,
+        *,
+        labels: Column | None = None,
+        distances: Column | None = None,
+        sums: bool = False,
+    ) -> PassTally:
+        """One pass assigning every row: each block's labels and distances written into the columns given
+        (overwriting an earlier pass's), sizes and objective tallied, with `sums` the Lloyd sums too.
+
+        Nothing per row is kept in memory, whatever N is: what a Lloyd step or the statistics need is in
+        the returned tally. Non-finite rows are labelled -1 (distance NaN), or fail the pass as in
+        `perform_search`.
+        """
+        tally = PassTally(len(centroids), self.dim() if sums else None)
+        for start, block, d, i in self._search_blocks(centroids):
+            if labels is not None:
+                labels.write(start, i)
+            if distances is not None:
+                distances.write(start, d)
+            tally.add(block, d, i)
+        self._finish_pass()
+        return tally
 
     def _search_blocks(
         self, centroids: np.ndarray

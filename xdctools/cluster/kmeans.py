@@ -3,12 +3,19 @@
 Clusters the assignment over all rows leaves empty are re-seeded from large ones (faiss' split rule, as
 DeepCluster does) and every row reassigned, for at most RESEED_ROUNDS more streamed passes.
 
-Memory is the sample (k * sample_per_centroid rows, float32), two streamed blocks (16 MiB each) and the
-per-row outputs (labels int32, distances float32, sample index int64: 16 bytes a row; a refine pass
-holds 12 more, re-seeding passes reuse them), whatever the width of the store. Measured:
-benchmarks/cluster.py.
+Memory is the sample (k * sample_per_centroid rows, float32) and two streamed blocks (16 MiB each),
+whatever N and the width of the store: the per-row outputs (labels int32, distances float32, the store's
+index int64: 16 bytes a row) are written block by block into their .npy files as each pass produces them
+(rowfiles.py; plain writes, no memory map written through), refine passes keep only per-cluster sums, and
+re-seeding passes overwrite the files in place. `cluster_store` writes them into `workdir` (`xdctools
+cluster` passes its output folder's temporary folder, so they are written where they end up), by default a
+new temporary folder (tempfile's: $TMPDIR) removed with the result; the result's labels, distances and
+index are read-only memory maps of those files, costing memory only for the pages a consumer reads (the
+training loop reads all labels: 4 bytes a row). `cluster_array` (data in memory already) keeps them in
+memory unless given a `workdir`. Measured: benchmarks/cluster.py.
 
-Output folder written by `save_result` (built under a temporary name, then renamed into place):
+Output folder written by `save_result` (built under a temporary name, then renamed into place; per-row
+files already on disk are hard-linked, or copied, not read into memory):
   labels.npy      (N,) int32, aligned with the store's rows; -1 for dropped non-finite rows
   distances.npy   (N,) float32, squared L2 to the assigned centroid in the clustered space; NaN if dropped
   centroids.npy   (k, d) float32, in the clustered space (after PCA-whitening when used)
@@ -21,7 +28,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,23 +52,35 @@ from xdctools.cluster.assign import (
     l2_normalize,
     nonfinite_error,
 )
+from xdctools.cluster.rowfiles import Column, NpyColumn, PassTally, new_column
 from xdctools.errors import ConfigError, DataError
-from xdctools.features.store import open_store, write_folder
+from xdctools.features.store import WRITTEN, FeatureStore, open_store, write_folder
 
 RESEED_ROUNDS = 10  # most re-seed + reassign passes after the assignment, each one more read of every row
+ROW_FILES = {"labels": ("labels.npy", np.int32), "distances": ("distances.npy", np.float32)}
+INDEX_FILE = ("index.npy", np.int64)
+META_ROWS = 1 << 18  # rows of the store's written marks / index read at a time (256 KiB / 2 MiB)
 
 
 @dataclass
 class ClusterResult:
+    """k-means output. From `cluster_store` (or a `workdir`), labels, distances and index are read-only
+    memory maps of the .npy files written during the passes (`files`), usable as arrays."""
+
     labels: np.ndarray  # (N,) int32, -1 for dropped rows
     distances: np.ndarray  # (N,) float32 squared L2, NaN for dropped rows
     centroids: np.ndarray  # (k, d) float32 in the clustered space
     stats: dict[str, Any]
     index: np.ndarray | None = None  # (N,) int64 global sample index, from a store
     transform: Transform = field(default_factory=Transform)
+    # attribute -> (.npy file, the memory map of it set as that attribute): what save_result links
+    files: dict[str, tuple[Path, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def sizes(self) -> np.ndarray:
+        """Rows per cluster: the final pass's tally (stats), else counted from the labels."""
+        if "sizes" in self.stats:
+            return np.asarray(self.stats["sizes"], dtype=np.int64)
         return np.bincount(self.labels[self.labels >= 0], minlength=len(self.centroids))
 
 
@@ -104,31 +127,100 @@ def cluster_store(
     drop_nonfinite: bool = False,
     reseed_empty: bool = True,
     progress: Progress | None = None,
+    workdir: str | os.PathLike | None = None,
 ) -> ClusterResult:
-    """Cluster one view ("video", "audio" or "cdc") of a complete feature store."""
+    """Cluster one view ("video", "audio" or "cdc") of a complete feature store.
+
+    labels.npy, distances.npy and index.npy are written block by block into the existing folder `workdir`
+    (by default a new temporary folder, removed when the result is garbage-collected; a file that
+    `save_result` linked stays); the result maps them read-only, so memory does not grow with N.
+    """
     if view not in VIEWS:
         raise ConfigError(f"view must be one of {', '.join(VIEWS)}, got '{view}'")
     store = open_store(store_path)
-    store.require_complete()
+    require_complete(store)
     source = StoreRows(store, view)
     meta = {key: store.attrs[key] for key in ("checkpoint", "iteration") if key in store.attrs}
-    result = _cluster(
-        source,
-        k=k,
-        niter=niter,
-        seed=seed,
-        sample_per_centroid=sample_per_centroid,
-        refine=refine,
-        spherical=spherical,
-        pca=pca,
-        gpu=gpu,
-        drop_nonfinite=drop_nonfinite,
-        reseed_empty=reseed_empty,
-        progress=progress,
-    )
-    result.index = store.read_index()
+    scratch = None if workdir is not None else Path(tempfile.mkdtemp(prefix="xdctools-cluster-"))
+    folder = Path(workdir) if workdir is not None else scratch
+    try:
+        result = _cluster(
+            source,
+            k=k,
+            niter=niter,
+            seed=seed,
+            sample_per_centroid=sample_per_centroid,
+            refine=refine,
+            spherical=spherical,
+            pca=pca,
+            gpu=gpu,
+            drop_nonfinite=drop_nonfinite,
+            reseed_empty=reseed_empty,
+            progress=progress,
+            workdir=folder,
+        )
+        path = folder / INDEX_FILE[0]
+        result.index = write_index(store, NpyColumn(path, store.n, INDEX_FILE[1]))
+        result.files["index"] = (path, result.index)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if scratch is not None:  # the maps stay valid after the files are removed (POSIX)
+        weakref.finalize(result, shutil.rmtree, scratch, True)
     result.stats.update(view=view, store=meta)
     return result
+
+
+def cluster_store_to(
+    out: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra_files: Callable[[ClusterResult], dict[str, bytes]] | None = None,
+    **params: Any,
+) -> ClusterResult:
+    """`cluster_store(store_path, **params)` saved as the folder `out` (`save_result`'s files), its per-row
+    files written straight into the folder's temporary name, which is renamed into place when complete:
+    no scratch copy in $TMPDIR, nothing to link or copy after. `extra_files(result)` (name -> bytes) are
+    written with them. The result's per-row arrays map the files now in `out`."""
+    out = Path(out)
+    done: list[ClusterResult] = []
+
+    def write(tmp: Path) -> None:
+        result = cluster_store(store_path, workdir=tmp, **params)
+        write_result_files(result, tmp, extra_files=None if extra_files is None else extra_files(result))
+        done.append(result)
+
+    write_folder(out, write, overwrite=overwrite)
+    result = done[0]
+    result.files = {name: (out / path.name, array) for name, (path, array) in result.files.items()}
+    return result
+
+
+def _row_blocks(store: FeatureStore) -> list[tuple[int, int]]:
+    step = max(1, META_ROWS // store.chunk_rows) * store.chunk_rows
+    return [(start, min(start + step, store.n)) for start in range(0, store.n, step)]
+
+
+def require_complete(store: FeatureStore) -> None:
+    """`store.require_complete()` reading the written-row marks block by block (it reads them whole and
+    converts them twice: 3 bytes a row, which the allocator then keeps); its error when rows miss."""
+    marks = store.group[WRITTEN]  # the store's Zarr array, read here only: store.py has no blockwise check
+    for start, stop in _row_blocks(store):
+        if not marks[start:stop].all():
+            store.require_complete()  # raises, naming the missing rows
+
+
+def write_index(store: FeatureStore, column: Column) -> np.ndarray:
+    """The store's index (global sample index of each row) copied into `column` block by block."""
+    try:
+        for start, stop in _row_blocks(store):
+            column.write(start, store.read_index(start, stop))
+    except BaseException:
+        column.close()
+        raise
+    return column.finish()
 
 
 def cluster_array(
@@ -146,8 +238,13 @@ def cluster_array(
     reseed_empty: bool = True,
     progress: Progress | None = None,
     block_rows: int | None = None,
+    workdir: str | os.PathLike | None = None,
 ) -> ClusterResult:
-    """Cluster an in-memory (N, d) float array through the same code path as a store."""
+    """Cluster an in-memory (N, d) float array through the same code path as a store.
+
+    Labels and distances are kept in memory (8 bytes a row, small beside the data), or written into the
+    existing folder `workdir` as `cluster_store` does.
+    """
     source = ArrayRows(np.asarray(x))
     result = _cluster(
         source,
@@ -163,6 +260,7 @@ def cluster_array(
         reseed_empty=reseed_empty,
         progress=progress,
         block_rows=block_rows,
+        workdir=None if workdir is None else Path(workdir),
     )
     result.stats["view"] = "array"
     return result
@@ -196,6 +294,7 @@ def _cluster(
     reseed_empty: bool,
     progress: Progress | None,
     block_rows: int | None = None,
+    workdir: Path | None = None,
 ) -> ClusterResult:
     _check_params(source, k, niter, sample_per_centroid, refine, pca)
     gpus = resolve_gpus(gpu)
@@ -253,47 +352,52 @@ def _cluster(
         progress=progress,
     )
 
-    # Optional Lloyd passes over every row, streamed; empty clusters split from large ones as faiss does.
+    # Optional Lloyd passes over every row, streamed: per-cluster sums, sizes and objective tallied block by
+    # block (nothing kept per row); empty clusters split from large ones as faiss does.
     t = time.perf_counter()
     refine_stats = []
     rs = np.random.RandomState(seed + 1)
     for r in range(refine):
         assign.stage = f"refine {r + 1}/{refine}"
-        labels, dist, sums = assign.assign_to(centroids)
-        ok = labels >= 0
-        counts = np.bincount(labels[ok], minlength=k)
-        centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        tally = assign.tally_pass(centroids, sums=True)
+        counts = tally.counts
+        centroids = (tally.sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
         nsplit = reassign_centroids(counts.copy(), centroids, rs)
         if spherical:
             l2_normalize(centroids)
-        refine_stats.append(
-            {
-                "objective": float(dist[ok].sum(dtype=np.float64)),
-                "splits": nsplit,
-                "imbalance": imbalance(counts),
-            }
-        )
+        refine_stats.append({"objective": tally.objective, "splits": nsplit, "imbalance": imbalance(counts)})
     timings["refine_s"] = time.perf_counter() - t
 
-    # One streaming assignment pass: labels and distances for every row.
+    # One streaming assignment pass: labels and distances of every row written block by block as they come
+    # (into workdir's labels.npy and distances.npy, or memory); the sizes and objective tallied meanwhile.
     t = time.perf_counter()
-    assign.stage = "assign"
-    dist, labels = assign.perform_search(centroids, label_dtype=np.int32)
-    timings["assign_s"] = time.perf_counter() - t
+    columns: dict[str, Column] = {}
+    try:
+        for name, (file, dtype) in ROW_FILES.items():
+            columns[name] = new_column(workdir, file, source.n, dtype)
+        assign.stage = "assign"
+        tally = assign.tally_pass(centroids, **columns)
+        timings["assign_s"] = time.perf_counter() - t
 
-    # Empty clusters take a perturbed copy of a large one, then every row is assigned again (in place).
-    t = time.perf_counter()
-    empty_before = int(np.count_nonzero(np.bincount(labels[labels >= 0], minlength=k) == 0))
-    rounds = reseeds = 0
-    if reseed_empty and empty_before:
-        rs = np.random.RandomState(seed + 2)
-        centroids, rounds, reseeds = reseed_passes(assign, centroids, dist, labels, rs, spherical=spherical)
-    timings["reseed_s"] = time.perf_counter() - t
+        # Empty clusters take a perturbed copy of a large one, then every row is assigned again (in place).
+        t = time.perf_counter()
+        empty_before = int(np.count_nonzero(tally.counts == 0))
+        rounds = reseeds = 0
+        if reseed_empty and empty_before:
+            rs = np.random.RandomState(seed + 2)
+            centroids, rounds, reseeds, tally = reseed_passes(
+                assign, centroids, tally, columns["labels"], columns["distances"], rs, spherical=spherical
+            )
+        timings["reseed_s"] = time.perf_counter() - t
+    except BaseException:
+        for column in columns.values():
+            column.close()
+        raise
+    arrays = {name: column.finish() for name, column in columns.items()}
     timings["total_s"] = time.perf_counter() - t0
 
     dropped = assign.bad_rows
-    ok = labels >= 0
-    sizes = np.bincount(labels[ok], minlength=k)
+    sizes = tally.counts
     stats = {
         "source": source.name,
         "n": source.n,
@@ -312,8 +416,8 @@ def _cluster(
             "reseed_empty": reseed_empty,
         },
         "sample_size": len(rows),
-        "objective": float(dist[ok].sum(dtype=np.float64)),
-        "mean_distance": float(dist[ok].mean(dtype=np.float64)) if ok.any() else float("nan"),
+        "objective": tally.objective,
+        "mean_distance": tally.mean_distance,
         "sizes": sizes.tolist(),
         "min_size": int(sizes.min()),
         "max_size": int(sizes.max()),
@@ -327,7 +431,15 @@ def _cluster(
         "dropped_first": dropped[:20].tolist(),
         "timings": timings,
     }
-    return ClusterResult(labels=labels, distances=dist, centroids=centroids, stats=stats, transform=transform)
+    files = {name: (c.path, arrays[name]) for name, c in columns.items() if isinstance(c, NpyColumn)}
+    return ClusterResult(
+        labels=arrays["labels"],
+        distances=arrays["distances"],
+        centroids=centroids,
+        stats=stats,
+        transform=transform,
+        files=files,
+    )
 
 
 def reseed_centroids(
@@ -363,30 +475,32 @@ def reseed_centroids(
 def reseed_passes(
     assign: ChunkAssign,
     centroids: np.ndarray,
-    dist: np.ndarray,
-    labels: np.ndarray,
+    tally: PassTally,
+    labels: Column,
+    distances: Column,
     rs: np.random.RandomState,
     *,
     spherical: bool,
     rounds: int = RESEED_ROUNDS,
-) -> tuple[np.ndarray, int, int]:
-    """Re-seed empty clusters and reassign every row into `dist`, `labels` (in place), until none is empty.
+) -> tuple[np.ndarray, int, int, PassTally]:
+    """Re-seed empty clusters and reassign every row into the columns `labels` and `distances` (files
+    overwritten in place, block by block), until none is empty; `tally` is the last pass's.
 
     Stops after `rounds` passes or when no cluster can spare a row; clusters that stay empty (e.g. fewer
-    distinct rows than k) are left to the caller to report. Returns (centroids, passes, re-seedings).
+    distinct rows than k) are left to the caller to report. Returns (centroids, passes, re-seedings, the
+    tally of the pass that wrote the columns last).
     """
-    k, done, total = len(centroids), 0, 0
+    done, total = 0, 0
     while done < rounds:
-        counts = np.bincount(labels[labels >= 0], minlength=k)
-        if counts.all():
+        if tally.counts.all():
             break
-        centroids, n = reseed_centroids(centroids, counts, rs, spherical=spherical)
+        centroids, n = reseed_centroids(centroids, tally.counts, rs, spherical=spherical)
         if n == 0:
             break
         done, total = done + 1, total + n
         assign.stage = f"reseed {done}"
-        assign.perform_search(centroids, out=(dist, labels))
-    return centroids, done, total
+        tally = assign.tally_pass(centroids, labels=labels, distances=distances)
+    return centroids, done, total, tally
 
 
 def save_result(
@@ -397,20 +511,47 @@ def save_result(
     overwrite: bool = False,
 ) -> Path:
     """Write the output folder (module docstring) atomically; `extra_files` (name -> bytes) go with it."""
+    return write_folder(
+        Path(out), lambda tmp: write_result_files(result, tmp, extra_files=extra_files), overwrite=overwrite
+    )
 
-    def write(tmp: Path) -> None:
-        np.save(tmp / "labels.npy", result.labels.astype(np.int32, copy=False))
-        np.save(tmp / "distances.npy", result.distances.astype(np.float32, copy=False))
-        np.save(tmp / "centroids.npy", result.centroids.astype(np.float32, copy=False))
-        if result.index is not None:
-            np.save(tmp / "index.npy", result.index.astype(np.int64, copy=False))
-        if result.transform.matrix is not None:
-            np.savez(tmp / "transform.npz", matrix=result.transform.matrix, bias=result.transform.bias)
-        (tmp / "stats.json").write_text(json.dumps(result.stats, indent=1) + "\n")
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
 
-    return write_folder(Path(out), write, overwrite=overwrite)
+def write_result_files(
+    result: ClusterResult, folder: str | os.PathLike, *, extra_files: dict[str, bytes] | None = None
+) -> None:
+    """The output files of `result` in the existing `folder` (what save_result renames into place).
+
+    A per-row array that is still the map of its file (`result.files`) is not read: a file already in
+    `folder` (written there by `cluster_store(workdir=folder)`) is kept, another is hard-linked, or
+    copied by the kernel where it cannot be; any other array is saved with np.save.
+    """
+    folder = Path(folder)
+    rows = {**ROW_FILES, "index": INDEX_FILE}
+    for name, (file, dtype) in rows.items():
+        array = getattr(result, name)
+        if array is None:
+            continue
+        source, mapped = result.files.get(name, (None, None))
+        if source is not None and mapped is array and source.exists():
+            _place_file(source, folder / file)
+        else:
+            np.save(folder / file, np.asarray(array).astype(dtype, copy=False))
+    np.save(folder / "centroids.npy", result.centroids.astype(np.float32, copy=False))
+    if result.transform.matrix is not None:
+        np.savez(folder / "transform.npz", matrix=result.transform.matrix, bias=result.transform.bias)
+    (folder / "stats.json").write_text(json.dumps(result.stats, indent=1) + "\n")
+    for name, data in (extra_files or {}).items():
+        (folder / name).write_bytes(data)
+
+
+def _place_file(source: Path, dest: Path) -> None:
+    """`dest` with the contents of `source`, without reading them into this process."""
+    if dest.exists() and os.path.samefile(source, dest):
+        return
+    try:
+        os.link(source, dest)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copyfile(source, dest)
 
 
 def load_result(out: str | os.PathLike) -> ClusterResult:

@@ -186,18 +186,39 @@ def cluster(
 ) -> None:
     """Cluster the features in FEATS (a store from `xdctools extract`) with k-means; write labels to OUT."""
     from xdctools.cluster import report
-    from xdctools.cluster.kmeans import cluster_store, save_result
+    from xdctools.cluster.kmeans import ClusterResult, cluster_store_to
     from xdctools.features.store import check_new_folder, open_store
 
     if labels_file is not None and shards is not None:
         raise click.UsageError("give --labels or --shards, not both")
     check_new_folder(out, overwrite)
-    truth = true_labels(open_store(feats).read_index(), labels_file, shards)
-
+    store = open_store(feats)  # fails early on a missing or foreign store; reads no rows
+    truth = None  # the store's index (8 bytes a row) is read only to look true labels up
+    if labels_file is not None or shards is not None:
+        truth = true_labels(store.read_index(), labels_file, shards)
     bars = _Bars()
+    done: dict = {}
+
+    def report_files(result: ClusterResult) -> dict[str, bytes]:
+        files = {"sizes.png": report.size_histogram_png(result.sizes, title=f"{feats.name} {view}")}
+        if truth is not None:
+            metrics = report.cluster_metrics(truth, result.labels)
+            ranked = report.rank_clusters(truth, result.labels)
+            names = shard_class_names(shard_set(shards)) if shards is not None else None
+            done["table"] = report.format_table(report.top_bottom(ranked, 10), class_names=names)
+            done["metrics"] = metrics
+            files["report.json"] = (
+                json.dumps({**metrics, "clusters": [asdict(r) for r in ranked]}, indent=1) + "\n"
+            ).encode()
+            files["clusters.txt"] = (done["table"] + "\n").encode()
+        return files
+
     try:
-        result = cluster_store(
+        result = cluster_store_to(
+            out,
             feats,
+            overwrite=overwrite,
+            extra_files=report_files,
             k=k,
             view=view,
             niter=niter,
@@ -214,19 +235,6 @@ def cluster(
     finally:
         bars.close()
     stats = result.stats
-    extra = {"sizes.png": report.size_histogram_png(result.sizes, title=f"{feats.name} {view}")}
-    table = ""
-    if truth is not None:
-        metrics = report.cluster_metrics(truth, result.labels)
-        ranked = report.rank_clusters(truth, result.labels)
-        names = shard_class_names(shard_set(shards)) if shards is not None else None
-        table = report.format_table(report.top_bottom(ranked, 10), class_names=names)
-        extra["report.json"] = (
-            json.dumps({**metrics, "clusters": [asdict(r) for r in ranked]}, indent=1) + "\n"
-        ).encode()
-        extra["clusters.txt"] = (table + "\n").encode()
-    save_result(result, out, extra_files=extra, overwrite=overwrite)
-
     t = stats["timings"]
     sizes = np.asarray(stats["sizes"])
     click.echo(
@@ -249,9 +257,10 @@ def cluster(
     if stats["dropped_rows"]:
         click.echo(f"dropped {stats['dropped_rows']} non-finite rows (label -1)")
     if truth is not None:
+        metrics = done["metrics"]
         click.echo(
             f"NMI {metrics['nmi']:.4f}  ARI {metrics['ari']:.4f}  purity {metrics['purity']:.4f}  "
             f"({metrics['labelled']} labelled rows)"
         )
-        click.echo(table)
+        click.echo(done["table"])
     click.echo(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
