@@ -26,7 +26,7 @@ from trainer.data import ClipSpec, Runtime, find_shards
 from trainer.extract import extract_features
 from trainer.models import MultiHead, r2plus1d_18, resnet18_audio
 from trainer.step import Learner
-from xdctools.errors import DiskFullError
+from xdctools.errors import DiskFullError, DivergedError
 from xdctools.features.store import create_store, open_store
 from xdctools.recipe import parse_recipe
 
@@ -128,26 +128,25 @@ def test_cluster_output_on_a_full_disk_leaves_no_folder_and_reruns_to_the_same_l
         assert np.array_equal(np.load(tmp_path / "calm" / name), np.load(tmp_path / "full" / name))
 
 
-def test_a_checkpoint_write_on_a_full_disk_stops_the_run_in_one_line_and_it_resumes_identically(
-    tiny_shards: Path, tmp_path: Path
-) -> None:
+def train_recipe(shards: Path, out: Path, path: Path, lr: float = 0.05) -> Path:
+    """A small XDC recipe on the tiny shards, written to `path`."""
     recipe = {
         "name": "faults",
         "method": "xdc",
-        "data": {
-            "shards": str(tiny_shards),
-            "val_fraction": 0.2,
-            "clip_frames": 4,
-            "crop": 64,
-            "short_side": 64,
-        },
+        "data": {"shards": str(shards), "val_fraction": 0.2, "clip_frames": 4, "crop": 64, "short_side": 64},
         "model": {"width": 0.125},
         "clustering": {"k": 3, "iterations": 1, "niter": 5},
-        "optim": {"epoch_size": 8, "batch_size": 4, "lr": 0.05, "step_epochs": 1, "total_epochs": 1},
-        "run": {"out": str(tmp_path / "calm"), "log_every": 1},
+        "optim": {"epoch_size": 8, "batch_size": 4, "lr": lr, "step_epochs": 1, "total_epochs": 1},
+        "run": {"out": str(out), "log_every": 1},
     }
-    path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_checkpoint_write_on_a_full_disk_stops_the_run_in_one_line_and_it_resumes_identically(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    path = train_recipe(tiny_shards, tmp_path / "calm", tmp_path / "r.yaml")
     loop.run(parse_recipe(path.read_text()))  # undisturbed, in this process
     checkpoint = min(p.stat().st_size for p in (tmp_path / "calm" / "checkpoints").iterdir())
     limit = checkpoint // 2
@@ -161,6 +160,48 @@ def test_a_checkpoint_write_on_a_full_disk_stops_the_run_in_one_line_and_it_resu
     assert run(["train", str(path), "--quiet", "--out", str(out)]).returncode == 0
     calm, resumed = (load_checkpoint(p / "encoders.pt")["model"] for p in (tmp_path / "calm", out))
     assert calm.keys() == resumed.keys() and all(torch.equal(calm[k], resumed[k]) for k in calm)
+
+
+# --- a loss that goes non-finite ----------------------------------------------------------------------------
+
+
+def test_a_loss_gone_non_finite_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    path = train_recipe(tiny_shards, out, tmp_path / "r.yaml", lr=1e36)  # the first step throws it to inf
+    proc = run(["train", str(path), "--quiet"])
+    assert proc.returncode == DivergedError.exit_code, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["event"] == "diverged"]
+    steps = [r["step"] for r in records if r["event"] == "step"]
+    assert steps == list(range(1, record["step"])) and record["step"] >= 2  # logged up to the bad step
+    good = out / "checkpoints" / "it000-ep000.pt"  # after the labels, before any step
+    assert line == (
+        f"Error: {out}: the training loss is not finite (NaN or inf) at step {record['step']} (iteration 0, "
+        f"epoch 1); the run stopped and the last good checkpoint, kept, is {good}. Lower optim.lr, or use "
+        "model.precision: fp32"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [good.name]
+    weights = load_checkpoint(good)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert not (out / "encoders.pt").exists()
+
+
+def test_finetuning_whose_loss_goes_non_finite_stops_in_one_line(synth_shards: Path, tmp_path: Path) -> None:
+    path = finetune_recipe(synth_shards, tmp_path / "ft", tmp_path / "ft.yaml", lr=1e36)
+    proc = run(["finetune", str(path), "--checkpoint", "none", "--quiet"])
+    assert proc.returncode == DivergedError.exit_code, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    (folder,) = (tmp_path / "ft").rglob("split1")
+    assert line == (
+        f"Error: {folder}: the training loss is not finite (NaN or inf) in epoch 1 at lr 1e+36; the run "
+        "stopped and no checkpoint was written yet. Lower the lr"
+    )
+    assert not any(folder.rglob("*.pt")) and not (folder / "result.json").exists()
 
 
 # --- SIGKILL at the stages the training-loop tests do not cover --------------------------------------------
@@ -222,7 +263,9 @@ def test_extraction_killed_midway_resumes_to_the_same_store(tiny_shards: Path, t
 
 def test_cluster_output_killed_while_written_leaves_no_folder_and_reruns_the_same(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2_000_000, 4)).astype(np.float32)  # outputs of ~40 MB: writing takes a while
+    # 2M rows: the assignment pass writes labels.npy into the temporary output folder block by block, then
+    # the index and the small files follow; the kill lands in that window, long beside the 20 ms poll
+    x = rng.standard_normal((2_000_000, 4)).astype(np.float32)
     store = tmp_path / "feats.zarr"
     s = create_store(store, n=len(x), dims={"video": 4, "audio": 4})
     s.write_rows(0, {"video": x, "audio": x[:, ::-1]}, np.arange(len(x)))
@@ -240,30 +283,32 @@ def test_cluster_output_killed_while_written_leaves_no_folder_and_reruns_the_sam
         assert np.array_equal(np.load(calm / name), np.load(out / name))
 
 
+def finetune_recipe(shards: Path, out: Path, path: Path, lr: float = 0.05) -> Path:
+    """Full finetuning of a Scratch encoder on the synthetic shards for 2 epochs, written to `path`."""
+    recipe = {
+        "name": "ft",
+        "dataset": "tiny",
+        "mode": "full",
+        "data": {
+            "shards": str(shards),
+            "modality": "video",
+            "split_layout": "train-test",
+            "splits": [1],
+            "clip_frames": 4,
+            "crop": 32,
+            "num_threads": 1,
+        },
+        "model": {"width": 0.0625, "method": "Scratch"},
+        "optim": {"epoch_size": 8, "batch_size": 4, "lr": lr, "step_epochs": 1, "total_epochs": 2},
+        "test": {"num_clips": 4, "batch_size": 4},
+        "run": {"out": str(out)},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def test_finetuning_killed_midway_resumes_to_the_same_result(synth_shards: Path, tmp_path: Path) -> None:
-    recipe = tmp_path / "ft.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "ft",
-                "dataset": "tiny",
-                "mode": "full",
-                "data": {
-                    "shards": str(synth_shards),
-                    "modality": "video",
-                    "split_layout": "train-test",
-                    "splits": [1],
-                    "clip_frames": 4,
-                    "crop": 32,
-                    "num_threads": 1,
-                },
-                "model": {"width": 0.0625, "method": "Scratch"},
-                "optim": {"epoch_size": 8, "batch_size": 4, "lr": 0.05, "step_epochs": 1, "total_epochs": 2},
-                "test": {"num_clips": 4, "batch_size": 4},
-                "run": {"out": str(tmp_path / "calm")},
-            }
-        )
-    )
+    recipe = finetune_recipe(synth_shards, tmp_path / "calm", tmp_path / "ft.yaml")
     args = ["finetune", str(recipe), "--checkpoint", "none", "--quiet"]
     assert run(args).returncode == 0
     killed = tmp_path / "killed"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from xdctools.atomic import write_atomic
-from xdctools.errors import DataError
+from xdctools.errors import DataError, DivergedError
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -110,6 +110,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run (largest iteration, then epoch), or None."""
     found = list_checkpoints(run_dir)
     return found[-1][2] if found else None
+
+
+def diverged_error(run_dir: str | os.PathLike, where: str, advice: str) -> DivergedError:
+    """The one-line error of a run whose loss went non-finite `where`, naming its newest checkpoint:
+    callers check before a checkpoint of the diverged weights is written, so that one is good."""
+    kept = latest_checkpoint(run_dir)
+    last = f"the last good checkpoint, kept, is {kept}" if kept else "no checkpoint was written yet"
+    return DivergedError(
+        f"{run_dir}: the training loss is not finite (NaN or inf) {where}; the run stopped and {last}. "
+        + advice
+    )
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int = 2) -> list[Path]:

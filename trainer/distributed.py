@@ -192,6 +192,13 @@ def global_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def global_min_(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum over ranks, in place; the identity in one process."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
     """Every rank takes `src`'s buffers (BatchNorm running statistics), in place.
 

@@ -25,7 +25,6 @@ import hashlib
 import os
 from array import array
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -442,7 +441,7 @@ def _forward(
 ) -> dict[str, np.ndarray]:
     """(B, d) float32 features per modality, on the CPU."""
     out = {}
-    with autocast(device, precision) if device.type == "cuda" else nullcontext():
+    with autocast(device, precision):  # bf16/fp16 on CPU as on GPU
         for m, encoder in encoders.items():
             x = batch[m].to(device, non_blocking=True)
             if channels_last:

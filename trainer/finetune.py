@@ -65,6 +65,7 @@ from torch import nn
 from trainer import distributed, sampling
 from trainer.checkpoint import (
     checkpoint_path,
+    diverged_error,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -744,6 +745,8 @@ def finetune_split(ctx: _Context, split: Split, lr: float) -> SplitResult:
                 targets=targets,
             )
             del loader
+            if not math.isfinite(train_loss):  # checked on every rank before this epoch's checkpoint
+                raise diverged_error(folder, f"in epoch {epoch + 1} at lr {lr:g}", "Lower the lr")
             distributed.broadcast_buffers_(model)  # rank 0's BatchNorm statistics: the test is sharded
             accuracy = {} if train_acc is None else {"train_acc": train_acc}  # no single class to hit
             logger.log(
@@ -989,8 +992,6 @@ def train_epoch(
                 ]
             )
     loss_sum, correct, clips = distributed.all_reduce_sum(sums.cpu().numpy())
-    if not math.isfinite(loss_sum):
-        raise DataError(f"training diverged (loss {loss_sum / max(clips, 1)}); try a smaller lr")
     accuracy = None if targets is not None else correct / max(clips, 1.0)
     return loss_sum / max(clips, 1.0), accuracy, time.time() - started
 

@@ -41,6 +41,7 @@ from torch import nn
 from trainer import distributed
 from trainer.checkpoint import (
     checkpoint_path,
+    diverged_error,
     latest_checkpoint,
     load_checkpoint,
     pack_array,
@@ -56,9 +57,18 @@ from trainer.log import RECIPE_FILE, RunLogger, hardware_info, read_metrics, wri
 from trainer.models import MultiHead, prepare_for_speed, r2plus1d_18, resnet18_audio
 from trainer.optim import EarlyStopper, LrScheduler, effective_block, effective_schedule, sgd_with_schedule
 from trainer.retrain import final_encoder, last_assignment
-from trainer.step import HeadKey, LabelTables, Learner, balanced_weights, make_scaler, summarise, train_step
+from trainer.step import (
+    HeadKey,
+    LabelTables,
+    Learner,
+    NonFiniteWatch,
+    balanced_weights,
+    make_scaler,
+    summarise,
+    train_step,
+)
 from xdctools.atomic import write_bytes_atomic
-from xdctools.errors import ConfigError, DataError
+from xdctools.errors import ConfigError, DataError, DivergedError
 from xdctools.features.store import FeatureStore
 from xdctools.recipe import Recipe, dump_recipe, recipe_digest
 
@@ -130,7 +140,7 @@ class Session:
     held_out: np.ndarray  # (N,) bool over catalog.videos
     clip: ClipSpec
     learner: Learner
-    model: nn.Module  # the learner, maybe wrapped in DDP / torch.compile
+    model: nn.Module  # the learner, in DDP under several ranks (compile acts on the encoders in place)
     logger: RunLogger
     progress: Progress | None
     state: State = field(default_factory=State)
@@ -168,8 +178,6 @@ class Session:
 
 def open_session(recipe: Recipe, *, resume: bool, progress: Progress | None) -> Session:
     """Join the process group, read the shards' catalog, build the models, resume or start the run folder."""
-    if recipe.model.precision != "fp32" and not torch.cuda.is_available():
-        raise ConfigError(f"model.precision: {recipe.model.precision} needs a GPU here; use fp32 on the CPU")
     dist = distributed.init("cuda" if torch.cuda.is_available() else "cpu")
     run_dir = Path(recipe.run.out)
     shards = find_shards(recipe.data.shards, recipe.data.train_set)
@@ -311,15 +319,18 @@ def build_learner(recipe: Recipe, classes: Mapping[str, int]) -> Learner:
 
 
 def wrap_for_training(learner: Learner, recipe: Recipe, dist: distributed.Dist) -> nn.Module:
-    """channels_last (GPU only), DDP across ranks, torch.compile: what the training forward runs through."""
-    gpu = dist.device.type == "cuda"
+    """The recipe's speed options on the encoders, then DDP across ranks: what the training forward runs.
+
+    channels_last and compile act on CPU as on GPU (the recipe's fields decide). Both change the
+    encoders in place (`prepare_for_speed`), so the extraction of every iteration, which runs
+    `learner.encoders`, gets them too, and checkpoints keep their keys.
+    """
     for encoder in learner.encoders.values():
-        prepare_for_speed(encoder, channels_last=recipe.model.channels_last and gpu)
+        prepare_for_speed(encoder, channels_last=recipe.model.channels_last, compile=recipe.model.compile)
     model: nn.Module = learner
     if dist.distributed:
-        model = nn.parallel.DistributedDataParallel(learner, device_ids=[dist.local_rank] if gpu else None)
-    if recipe.model.compile:
-        model = torch.compile(model)
+        ids = [dist.local_rank] if dist.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(learner, device_ids=ids)
     return model
 
 
@@ -361,7 +372,7 @@ def extract(s: Session, name: str, iteration: int) -> FeatureStore:
             catalog=catalog,
             device=s.device,
             precision=s.recipe.model.precision,
-            channels_last=s.recipe.model.channels_last and s.device.type == "cuda",
+            channels_last=s.recipe.model.channels_last,
             attrs={"iteration": iteration, "set": set_name, "recipe": s.digest},
             overwrite=True,
             progress=s.tick,
@@ -377,7 +388,7 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
     recipe = s.recipe
     if recipe.clustering is None:
         return dict(s.fixed_labels)
-    from xdctools.cluster import cluster_store, save_result
+    from xdctools.cluster.kmeans import cluster_store_to
     from xdctools.cluster.report import cluster_metrics
 
     c = recipe.clustering
@@ -385,8 +396,11 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
     for view in recipe.views:
         result = None
         if s.dist.is_main:
-            result = cluster_store(
+            name = "final" if final else f"it{iteration:03d}"
+            result = cluster_store_to(  # per-row files written into the run folder as they are made
+                s.run_dir / "clusters" / f"{name}-{view}",
                 store.path,
+                overwrite=True,
                 k=c.k_for(view),
                 view=view,
                 niter=c.niter,
@@ -414,9 +428,8 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
                 final=final,
                 **scores,
             )
-            name = "final" if final else f"it{iteration:03d}"
-            save_result(result, s.run_dir / "clusters" / f"{name}-{view}", overwrite=True)
-        labels[view] = distributed.broadcast_array(None if result is None else result.labels)
+        # in memory on every rank (4 bytes a row): training reads them all, and the map's file may be replaced
+        labels[view] = distributed.broadcast_array(None if result is None else np.array(result.labels))
     return labels
 
 
@@ -605,6 +618,7 @@ def train_epoch(s: Session, state: State, tables: LabelTables) -> None:
     clips = optim.batch_size * s.dist.world_size
     total, t0, tw, steps = len(loader) * clips, time.perf_counter(), time.perf_counter(), 0
     stage = f"it{it:03d} epoch {state.epoch + 1}/{optim.total_epochs}"
+    watch = NonFiniteWatch(s.device)
     s.learner.train()
     for i, batch in enumerate(loader):
         targets = tables.batch(batch["index"], s.device)
@@ -616,14 +630,17 @@ def train_epoch(s: Session, state: State, tables: LabelTables) -> None:
             targets,
             device=s.device,
             precision=recipe.model.precision,
-            channels_last=recipe.model.channels_last and s.device.type == "cuda",
+            channels_last=recipe.model.channels_last,
         )
         lr = state.scheduler.lr
         state.scheduler.step()
         state.step += 1
         steps += 1
         window += stats
+        watch.update(stats, state.step)
         if state.step % recipe.run.log_every == 0 or i + 1 == len(loader):
+            if (bad := watch.first()) is not None:
+                raise diverged(s, state, bad)
             w = window.cpu().numpy()
             now = time.perf_counter()
             loss = summarise(w, keys)["train_loss"]
@@ -655,6 +672,16 @@ def train_epoch(s: Session, state: State, tables: LabelTables) -> None:
     if optim.early_stop and summary["val_loss"] is not None:
         stop = state.stopper.update(summary["val_loss"])
     state.finished = stop or state.epoch >= optim.total_epochs
+
+
+def diverged(s: Session, state: State, step: int) -> DivergedError:
+    """The error that stops a run whose loss went non-finite at `step`, logged first. The check comes
+    before the epoch's checkpoint, so no checkpoint of the diverged weights is written."""
+    it, epoch = state.iteration, state.epoch + 1
+    s.logger.log("diverged", step, iteration=it, epoch=epoch)
+    s.logger.flush()
+    where = f"at step {step} (iteration {it}, epoch {epoch})"
+    return diverged_error(s.run_dir, where, "Lower optim.lr, or use model.precision: fp32")
 
 
 def end_iteration(s: Session, state: State) -> None:

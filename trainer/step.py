@@ -197,6 +197,26 @@ def train_step(
     return torch.stack(rows)
 
 
+class NonFiniteWatch:
+    """The first step whose loss statistics were not finite (NaN or inf), tracked on the device so
+    that no step waits for the host; `first()`, called where the loop syncs anyway (its log points),
+    is the earliest such step over all ranks (one small all-reduce, so every rank stops together)."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def update(self, stats: torch.Tensor, step: int) -> None:
+        """Note `step` if `stats` (a step's (heads, 5) statistics) holds a non-finite value."""
+        bad = ~torch.isfinite(stats).all()
+        self.step = torch.where(bad & (self.step == self.NONE), step, self.step)
+
+    def first(self) -> int | None:
+        value = int(distributed.global_min_(self.step.clone()).item())
+        return None if value == self.NONE else value
+
+
 def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -44,6 +44,13 @@ class DiskFullError(XdcError):
     exit_code = 7
 
 
+class DivergedError(XdcError):
+    """Training met a loss that is not finite: the run stops at once, before a checkpoint of the
+    diverged weights is written, so its last checkpoint is the last good state."""
+
+    exit_code = 8
+
+
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 

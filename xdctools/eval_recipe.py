@@ -147,7 +147,7 @@ class Model(Section):
     audio_maxpool: bool = False  # the audio stem's max-pool (trainer.models.audio); not in a state dict
     # BatchNorm eps; null: 1e-3 for a bare XDC-layout state dict (the official Caffe2 weights), else 1e-5.
     bn_eps: float | None = Field(default=None, gt=0.0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast of the encoder's forward, on CPU as on GPU
     # BatchNorm (no affine) on the features before the linear layer, as MAE's linear probing; the paper's
     # fc-only is a bare linear layer (false).
     head_norm: bool = False

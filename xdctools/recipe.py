@@ -124,12 +124,20 @@ class Data(Section):
 
 
 class Model(Section):
-    """Encoder shape and the GPU speed options (trainer.models)."""
+    """Encoder shape and the speed options (trainer.models.prepare_for_speed, autocast).
+
+    The speed options run on CPU as on GPU; the recipe decides, not the device. What each costs or
+    saves on a CPU is measured in docs/train.md ("Speed options"): the CPU recipes keep them off.
+    """
 
     width: float = Field(default=1.0, gt=0.0)  # channel multiplier; 1.0 is the paper's R(2+1)D-18
     video_layout: Literal["torchvision", "xdc"] = "torchvision"
+    # Autocast of the training and extraction forwards: bf16 (8-bit mantissa) or fp16 (11 bits, with
+    # a GradScaler that skips a step whose gradients overflow and halves its scale); fp32 is the paper's.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False
+    channels_last: bool = False  # NDHWC / NHWC convolutions and inputs, for training and extraction
+    # torch.compile (inductor) of each encoder's forward, for training and extraction. Not in the
+    # digest: it changes only float32 rounding, so a run may resume with it switched.
     compile: bool = False
 
 

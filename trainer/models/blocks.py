@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
@@ -176,22 +177,36 @@ def prepare_for_speed(
     compile: bool = False,
     compile_mode: str | None = None,
 ) -> nn.Module:
-    """Apply the GPU speed options that change the model; autocast is a context (see `autocast`).
+    """Apply the speed options that change the model, in place, and return it; autocast is a context.
 
-    channels_last converts conv weights (NDHWC for video, NHWC for audio); feed inputs in the same
-    format (`x.contiguous(memory_format=memory_format_of(model))`) or cuDNN converts them per call.
-    compile wraps the model in `torch.compile` (the returned module shares parameters with `model`;
-    save `model.state_dict()`, not the wrapper's, whose keys carry an `_orig_mod.` prefix).
+    Both options work on CPU (oneDNN convolutions, inductor's C++ kernels) as on GPU; whether they pay
+    is measured in docs/train.md ("Speed options"). channels_last converts conv weights (NDHWC for video,
+    NHWC for audio); feed inputs in the same format (`x.contiguous(memory_format=memory_format_of(model))`,
+    as `trainer.step.to_inputs` does) or each conv converts them per call.
+
+    compile replaces `model.forward_features` by its `torch.compile`d version (an encoder; a model
+    without one gets `nn.Module.compile`). The module itself is not wrapped, so every caller runs the
+    compiled code (the training forward through `Learner`, `extract_features`, `model(x)`) and the
+    state_dict keys stay as they are. A compiled encoder compiles once per mode (training; evaluation
+    under `torch.inference_mode`), and once more with a dynamic batch size the first time the batch size
+    changes (an extraction's last, shorter batch).
     """
     if channels_last:
-        model = model.to(memory_format=memory_format_of(model))
+        model.to(memory_format=memory_format_of(model))
     if compile:
-        model = torch.compile(model, mode=compile_mode)
+        features = getattr(type(model), "forward_features", None)
+        if features is None:
+            model.compile(mode=compile_mode)
+        else:
+            # The class's function, compiled once and bound to this model: a deep copy of the module
+            # binds the copy (`copy` deep-copies a bound method's instance), never this one.
+            model.forward_features = types.MethodType(torch.compile(features, mode=compile_mode), model)
     return model
 
 
 def autocast(device: str | torch.device, precision: Precision = "fp32") -> AbstractContextManager:
-    """Mixed-precision context for forward passes; "fp16" needs a `torch.amp.GradScaler` in the step."""
+    """Mixed-precision context for forward passes, on CPU as on GPU (torch 2.13's CPU autocast runs
+    convolutions and matmuls in bf16 or fp16); "fp16" needs a `torch.amp.GradScaler` in the step."""
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
