@@ -20,6 +20,7 @@ from trainer import loop
 from trainer.checkpoint import list_checkpoints, load_checkpoint, unpack_array
 from trainer.data import find_shards
 from trainer.extract import read_catalog
+from trainer.probe import cross_validated_probe, linear_probe
 from trainer.step import LabelTables, balanced_weights, head_losses, summarise
 from xdctools.commands.compare import compare
 from xdctools.commands.train import train
@@ -479,6 +480,51 @@ def test_superv_on_a_multi_label_set_learns_multi_hot_targets_and_probes_by_map(
     )
     final = next(r for r in probes if r["iteration"] == 1 and r["modality"] == "video")
     assert final["map"] == pytest.approx(score)
+
+
+def test_a_cross_validated_probe_scores_every_video_with_its_standard_error(
+    shards: Path, tmp_path: Path
+) -> None:
+    changes = {
+        "clustering": {"k": 3, "iterations": 1, "niter": 5},
+        "optim": {"epoch_size": 4},
+        "run": {"probe": True, "probe_folds": 3},
+    }
+    recipe = parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "run", **changes)))
+    result = loop.run(recipe)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if r["event"] == "probe"]
+    assert len(probes) == 4  # iterations 0 and final, two modalities
+    catalog = read_catalog(find_shards(shards, "train"))
+    store = open_store(tmp_path / "run" / "features" / "final.zarr")
+    for r in probes:  # every video scored once, held-out ones included, by a model that did not see it
+        assert (r["split"], r["train"], r["test"]) == ("3-fold", 9, 9)
+        assert r["se"] == pytest.approx(np.sqrt(r["accuracy"] * (1 - r["accuracy"]) / 9))
+        if r["iteration"] == 1:  # recomputed from the stored features
+            x = store.read(r["modality"], 0, catalog.num_videos).astype(np.float32)
+            correct = cross_validated_probe(x, catalog.labels, 3, seed=recipe.seed)
+            assert r["accuracy"] == correct.mean()
+    final = result.iterations[-1]
+    assert final["probe_video_se"] == next(
+        r["se"] for r in probes if r["iteration"] == 1 and r["modality"] == "video"
+    )
+    assert " ± " in (tmp_path / "run" / "report.md").read_text()
+
+    # each video is predicted by a classifier fitted on the other folds: the one video of class 2 is missed
+    # (no other fold holds its class), which a classifier fitted on every video would get right
+    x = np.eye(3, dtype=np.float32)[[0] * 5 + [1] * 5 + [2]]
+    y = np.array([0] * 5 + [1] * 5 + [2])
+    correct = cross_validated_probe(x, y, 3)
+    assert correct[:10].all() and not correct[10]
+    assert linear_probe(x, y, x, y) == 1.0
+
+    for bad, message in [
+        ({"probe_folds": 3}, "run.probe_folds: is only used by the probe"),
+        ({"probe": True, "probe_folds": 3, "eval_set": "test"}, "give it or run.eval_set, not both"),
+        ({"probe": True, "probe_folds": 1}, "run.probe_folds"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "x", run=bad)))
 
 
 def test_a_probe_that_cannot_run_says_so(shards: Path, tmp_path: Path) -> None:

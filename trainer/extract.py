@@ -144,12 +144,12 @@ def read_catalog(shards: ShardSet) -> Catalog:
             with open(tar, "rb") as f:
                 for key, members in entries:
                     where = f"member {key}.{fmt.INFO_EXT}"
-                    info = fmt.decode_int64_vector(_member(f, members[fmt.INFO_EXT]))
+                    info = fmt.decode_int64_vector(read_member(f, members[fmt.INFO_EXT]))
                     videos.append(int(info[fmt.INFO["video"]]))
                     labels.append(int(info[fmt.INFO["label"]]))
                     if fmt.LABELS_EXT in members:
                         where = f"member {key}.{fmt.LABELS_EXT}"
-                        values.frombytes(fmt.decode_labels(_member(f, members[fmt.LABELS_EXT])).tobytes())
+                        values.frombytes(fmt.decode_labels(read_member(f, members[fmt.LABELS_EXT])).tobytes())
                         multi = True
                     offsets.append(len(values))
         except (OSError, ValueError, KeyError, IndexError) as e:
@@ -163,7 +163,8 @@ def read_catalog(shards: ShardSet) -> Catalog:
     )
 
 
-def _member(f: BinaryIO, where: tuple[int, int]) -> bytes:
+def read_member(f: BinaryIO, where: tuple[int, int]) -> bytes:
+    """The bytes of one member, at (offset, size) of the .idx index, from the open tar `f`."""
     offset, size = where
     f.seek(offset)
     return f.read(size)

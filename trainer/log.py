@@ -10,7 +10,8 @@ the report read these events and fields (others are kept and sent to TensorBoard
     cluster    iteration, view ("video" | "audio" | "cdc"), k, sizes (list of k ints), empty,
                nmi and purity (when true labels exist), objective
     probe      iteration, modality ("video" | "audio"), accuracy (0..1) or, on a multi-label set, map
-               (mean average precision, 0..1), split
+               (mean average precision, 0..1), split ("held-out", "<k>-fold" or the eval set), train and
+               test (videos fitted and scored), se (an accuracy's standard error over the videos scored)
     iteration  iteration, epochs (trained), stopped_early (bool), seconds
 
 TensorBoard gets every numeric field as a scalar `event[/view|/modality|/head]/field` at `step`, and
@@ -479,7 +480,10 @@ def _probe_table(records: list[dict[str, Any]]) -> list[str]:
     for r in records:
         if r["event"] == "probe" and _is_number(r.get("accuracy", r.get("map"))):
             name = str(r.get("modality", "?")) + (" mAP" if "map" in r else "")
-            table[int(r.get("iteration", 0))][name] = r.get("accuracy", r.get("map"))
+            value = _fmt(r.get("accuracy", r.get("map")))
+            if _is_number(r.get("se")):
+                value += f" ± {_fmt(r['se'])}"
+            table[int(r.get("iteration", 0))][name] = value
             if name not in modalities:
                 modalities.append(name)
     if not table:

@@ -53,9 +53,17 @@ from trainer.checkpoint import (
 )
 from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, train_loader, warn_if_name_ordered
 from trainer.extract import Catalog, extract_features, read_catalog
+from trainer.handcrafted import write_handcrafted_store
 from trainer.log import RECIPE_FILE, RunLogger, hardware_info, read_metrics, write_report
 from trainer.models import MultiHead, prepare_for_speed, r2plus1d_18, resnet18_audio
 from trainer.optim import EarlyStopper, LrScheduler, effective_block, effective_schedule, sgd_with_schedule
+from trainer.probe import (
+    binomial_se,
+    cross_validated_probe,
+    linear_probe,
+    multilabel_probe,
+    usable_folds,
+)
 from trainer.retrain import final_encoder, last_assignment
 from trainer.step import (
     HeadKey,
@@ -191,6 +199,11 @@ def open_session(recipe: Recipe, *, resume: bool, progress: Progress | None) -> 
             "trains on them (shard a labelled layout, or use a clustering method)"
         )
     check_k(recipe, catalog)
+    if recipe.run.probe and recipe.run.probe_folds is not None and catalog.multi_label:
+        raise ConfigError(
+            f"run.probe_folds: cross-validation scores single-label sets; set {recipe.data.train_set!r} of "
+            f"{recipe.data.shards} is multi-label (leave probe_folds null: mAP on the held-out videos)"
+        )
     held = held_out_videos(catalog.num_videos, recipe.data.val_fraction, recipe.seed)
     fixed, classes = fixed_labels(recipe, shards, catalog)
     learner = build_learner(recipe, classes)
@@ -392,11 +405,18 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
     from xdctools.cluster.report import cluster_metrics
 
     c = recipe.clustering
+    handcrafted = c.init == "handcrafted" and iteration == 0 and not final
+    if handcrafted and s.dist.is_main:  # the audio side from the stored log-mel (trainer/handcrafted.py)
+        store = write_handcrafted_store(
+            s.run_dir / "features" / "it000-handcrafted.zarr", store, s.shards, s.catalog, {"iteration": 0}
+        )
     labels = {}
     for view in recipe.views:
         result = None
         if s.dist.is_main:
             name = "final" if final else f"it{iteration:03d}"
+            # PCA-whitening to at most the dimension of the handcrafted features
+            pca = c.pca if not handcrafted or c.pca is None else min(c.pca, handcrafted_dim(store, view))
             result = cluster_store_to(  # per-row files written into the run folder as they are made
                 s.run_dir / "clusters" / f"{name}-{view}",
                 store.path,
@@ -408,7 +428,7 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
                 sample_per_centroid=c.sample_per_centroid,
                 refine=c.refine,
                 spherical=c.spherical,
-                pca=c.pca,
+                pca=pca,
                 reseed_empty=c.reseed_empty,
                 progress=lambda stage, done, total, v=view: s.tick(f"k-means {v} {stage}", done, total),
             )
@@ -426,11 +446,17 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
                 imbalance=stats["imbalance"],
                 objective=stats["objective"],
                 final=final,
+                **({"init": c.init} if iteration == 0 and not final else {}),
                 **scores,
             )
         # in memory on every rank (4 bytes a row): training reads them all, and the map's file may be replaced
         labels[view] = distributed.broadcast_array(None if result is None else np.array(result.labels))
     return labels
+
+
+def handcrafted_dim(store: FeatureStore, view: str) -> int:
+    """The input dimension of `view` in the handcrafted store (cdc: video and mel statistics side by side)."""
+    return sum(store.dims.values()) if view == "cdc" else store.dims[view]
 
 
 def route_labels(
@@ -463,26 +489,33 @@ def label_tables(s: Session, routed: Mapping[HeadKey, np.ndarray]) -> LabelTable
 def probe(s: Session, store: FeatureStore | None, iteration: int) -> None:
     """Logistic regression on frozen pooled features vs the true labels (run.probe), on rank 0.
 
-    A multi-label set (AudioSet) is probed with one-vs-rest logistic regressions, scored by mAP.
+    Scored on the held-out videos, on `run.eval_set`, or by k-fold cross-validation over every labelled
+    video (`run.probe_folds`). An accuracy comes with its binomial standard error over the videos scored
+    (`se`). A multi-label set (AudioSet) is probed with one-vs-rest logistic regressions, scored by mAP.
     """
     if not s.recipe.run.probe or store is None or not s.dist.is_main:
         return
-    eval_name = s.recipe.run.eval_set
+    eval_name, folds = s.recipe.run.eval_set, s.recipe.run.probe_folds
     train_store, train_catalog = store, s.catalog
-    if eval_name is None:
-        known = true_labels(train_catalog) >= 0
+    known = true_labels(train_catalog) >= 0
+    if eval_name is None and folds is not None:
+        train_rows = np.flatnonzero(known)
+        test_store, test_catalog, test_rows = store, train_catalog, train_rows
+    elif eval_name is None:
         train_rows = np.flatnonzero(~s.held_out & known)
         test_store, test_catalog = store, train_catalog
         test_rows = np.flatnonzero(s.held_out & known)
         split = "held-out"
     else:
         test_store, test_catalog = s.eval_stores[eval_name], s.eval_set[1]
-        train_rows = np.flatnonzero(true_labels(train_catalog) >= 0)
+        train_rows = np.flatnonzero(known)
         test_rows = np.flatnonzero(true_labels(test_catalog) >= 0)
         split = eval_name
     rng = np.random.default_rng([s.recipe.seed, iteration, 0x9B])
     train_rows = np.sort(rng.permutation(train_rows)[:PROBE_ROWS])
-    test_rows = np.sort(rng.permutation(test_rows)[:PROBE_ROWS])
+    test_rows = train_rows if folds is not None else np.sort(rng.permutation(test_rows)[:PROBE_ROWS])
+    if folds is not None:  # as many folds as the videos drawn allow
+        split = f"{usable_folds(true_labels(train_catalog)[train_rows], folds)}-fold"
     if train_catalog.multi_label:
         classes = num_classes(s.shards, train_catalog)
         train_y, test_y = (
@@ -501,12 +534,17 @@ def probe(s: Session, store: FeatureStore | None, iteration: int) -> None:
         warnings.warn(f"probe of iteration {iteration} skipped: {lacking}", stacklevel=2)
         return
     for modality in store.modalities:
-        x_train, x_test = (
-            read_rows(train_store, modality, train_rows),
-            read_rows(test_store, modality, test_rows),
-        )
-        score = fit(x_train, train_y, x_test, test_y, seed=s.recipe.seed)
+        x_train = read_rows(train_store, modality, train_rows)
+        if folds is not None:
+            correct = cross_validated_probe(x_train, train_y, folds, seed=s.recipe.seed)
+            score = float(correct.mean())
+        else:
+            score = fit(
+                x_train, train_y, read_rows(test_store, modality, test_rows), test_y, seed=s.recipe.seed
+            )
         record = {"iteration": iteration, "modality": modality, metric: score, "split": split}
+        if metric == "accuracy":
+            record["se"] = binomial_se(score, len(test_rows))
         s.logger.log("probe", s.state.step, **record, train=len(train_rows), test=len(test_rows))
 
 
@@ -518,62 +556,6 @@ def read_rows(store: FeatureStore, modality: str, rows: np.ndarray) -> np.ndarra
         pick = (rows >= start) & (rows < stop)
         out[pick] = store.read(modality, start, stop)[rows[pick] - start]
     return out
-
-
-def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *, seed: int = 0
-) -> float:
-    """Accuracy of a multinomial logistic regression on standardised features (scikit-learn)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    clf.fit(train_x, train_y)
-    return float((clf.predict(test_x) == test_y).mean())
-
-
-def multilabel_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    *,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> float:
-    """mAP of one-vs-rest logistic regressions on standardised features (multi-hot (n, C) targets).
-
-    One linear layer with sigmoid outputs fitted by L-BFGS on the mean binary cross-entropy plus
-    scikit-learn's default L2 (C = 1: 0.5 ||W||^2 / n), i.e. C independent logistic regressions solved
-    at once (527 separate scikit-learn fits would take far longer), on `device` (the run's GPU: 4,000
-    rows x 512 features x 527 classes took 21 s on 2 CPU cores here). Deterministic: zero start; `seed`
-    is unused, kept for the probes' common signature.
-    """
-    from trainer.metrics import mean_average_precision
-
-    mean, std = train_x.mean(0), train_x.std(0)
-    std[std == 0] = 1.0  # as StandardScaler: a constant feature is centred, not scaled
-    x = torch.from_numpy((train_x - mean) / std).to(device, torch.float64)
-    y = torch.from_numpy(train_y).to(device, torch.float64)
-    weight = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=device, requires_grad=True)
-    bias = torch.zeros(y.shape[1], dtype=torch.float64, device=device, requires_grad=True)
-    solver = torch.optim.LBFGS(
-        [weight, bias], max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe"
-    )
-
-    def objective() -> torch.Tensor:
-        solver.zero_grad()
-        logits = x @ weight + bias
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(x)
-        loss = loss + 0.5 * weight.square().sum() / len(x)
-        loss.backward()
-        return loss
-
-    solver.step(objective)
-    with torch.no_grad():
-        scores = torch.from_numpy((test_x - mean) / std).to(device, torch.float64) @ weight + bias
-    return mean_average_precision(scores.cpu().numpy(), test_y)
 
 
 def start_iteration(s: Session, state: State, iteration: int) -> None:
@@ -857,7 +839,8 @@ def finished_result(run_dir: Path, recipe: Recipe) -> RunResult | None:
 
 
 def per_iteration(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per iteration (and 'final'): NMI per view, last train/val loss, epochs, probe accuracy."""
+    """One row per iteration (and 'final'): NMI per view, last train/val loss, epochs, probe accuracy (and
+    its standard error)."""
     rows: dict[int, dict[str, Any]] = {}
     for r in records:
         it = r.get("iteration")
@@ -873,6 +856,8 @@ def per_iteration(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif r["event"] == "probe":
             metric = "map_" if "map" in r else ""  # mAP on a multi-label set, else accuracy
             row[f"probe_{metric}{r['modality']}"] = r.get("map", r.get("accuracy"))
+            if r.get("se") is not None:  # the accuracy's standard error over the videos scored
+                row[f"probe_{r['modality']}_se"] = r["se"]
         elif r["event"] == "iteration":
             row["stopped_early"] = r.get("stopped_early")
     return [rows[i] for i in sorted(rows)]

@@ -230,6 +230,10 @@ class Clustering(Section):
     uniform_sampling: bool
     reseed_empty: bool = True  # split a large cluster into each empty one (DeepCluster)
     last_iteration: OptimPatch | None = None  # replaces optim fields in the last iteration
+    # The first pseudo-labels (iteration 0). random: k-means of the random encoders' features (the paper).
+    # handcrafted: the audio side clusters each video's per-band log-mel mean and std (trainer/handcrafted.py)
+    # instead of the random audio encoder's features, the option the paper's §3.3 names; video is unchanged.
+    init: Literal["random", "handcrafted"] = "random"
 
     @property
     def k_text(self) -> str:
@@ -273,6 +277,10 @@ class Run(Section):
     probe: bool = False
     # Shard set the probe is scored on; null: the training set's held-out videos (val_fraction).
     eval_set: str | None = Field(default=None, min_length=1)
+    # Score the probe by stratified k-fold cross-validation over every labelled training video (held-out
+    # ones included) instead of the held-out videos alone: for small sets, where a few held-out videos
+    # make the probe noise. Single-label sets; not with eval_set. null: the held-out videos.
+    probe_folds: int | None = Field(default=None, ge=2)
 
 
 class Recipe(Section):
@@ -331,6 +339,14 @@ class Recipe(Section):
                 raise FieldProblem(f"{where}.early_stop", "needs data.val_fraction > 0 to measure a val loss")
         if self.run.eval_set is not None and not self.run.probe:
             raise FieldProblem("run.eval_set", "is only used by the probe; set run.probe: true or remove it")
+        if self.run.probe_folds is not None and not self.run.probe:
+            raise FieldProblem(
+                "run.probe_folds", "is only used by the probe; set run.probe: true or remove it"
+            )
+        if self.run.probe_folds is not None and self.run.eval_set is not None:
+            raise FieldProblem(
+                "run.probe_folds", "scores the training set; give it or run.eval_set, not both"
+            )
         return self
 
     @property
