@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -93,4 +94,25 @@ def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "videos" / "manifest.csv").write_text("\n".join(rows) + "\n")
     plan = shuffle_plan(build_plan(root / "videos" / "manifest.csv"), 0)
     run_shard(plan, ShardParams(short_side=48), root / "shards", shard_size=3, workers=1)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def esc_shards(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """Real FSDD recordings laid out as ESC-50 (audio only): digits 0 and 1, one each per fold 1..5."""
+    from xdctools.shard.params import ShardParams
+    from xdctools.shard.plan import build_plan, shuffle_plan
+    from xdctools.shard.run import run_shard
+
+    root = tmp_path_factory.mktemp("esc")
+    (root / "meta").mkdir()
+    (root / "audio").mkdir()
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    for digit in (0, 1):
+        for fold in range(1, 6):
+            name = f"{digit}_jackson_{fold}.wav"
+            os.symlink(shared_dir / "data" / "fsdd" / "recordings" / name, root / "audio" / name)
+            rows.append(f"{name},{fold},{digit},digit{digit},False,{fold},A")
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    run_shard(shuffle_plan(build_plan(root), 0), ShardParams(), root / "shards", shard_size=3, workers=1)
     return root / "shards"

@@ -63,7 +63,7 @@ from xdctools.commands.shard import shard
 from xdctools.errors import ConfigError, DataError, InputError
 from xdctools.eval_recipe import TABLE_12_LRS, eval_digest, load_eval_recipe, parse_eval_recipe
 from xdctools.shard.params import ShardParams
-from xdctools.shard.plan import build_plan, shuffle_plan
+from xdctools.shard.plan import build_plan
 from xdctools.shard.run import run_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,22 +75,6 @@ SMALL = ClipSpec(length=4, crop=32)
 def _shard(plan, out: Path, short_side: int = 48) -> Path:
     run_shard(plan, ShardParams(short_side=short_side), out, shard_size=3, workers=1)
     return out
-
-
-@pytest.fixture(scope="module")
-def esc_shards(tmp_path_factory, shared_dir: Path) -> Path:
-    """Real FSDD recordings laid out as ESC-50: digits 0 and 1, one recording each per fold 1..5."""
-    root = tmp_path_factory.mktemp("esc")
-    (root / "meta").mkdir()
-    (root / "audio").mkdir()
-    rows = ["filename,fold,target,category,esc10,src_file,take"]
-    for digit in (0, 1):
-        for fold in range(1, 6):
-            name = f"{digit}_jackson_{fold}.wav"
-            os.symlink(shared_dir / "data" / "fsdd" / "recordings" / name, root / "audio" / name)
-            rows.append(f"{name},{fold},{digit},digit{digit},False,{fold},A")
-    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    return _shard(shuffle_plan(build_plan(root), 0), root / "shards")
 
 
 @pytest.fixture(scope="module")

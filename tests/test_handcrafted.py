@@ -60,21 +60,24 @@ def test_a_broken_mel_member_is_named(tiny_shards: Path, tmp_path: Path) -> None
         mel_statistics(shards, read_catalog(shards))
 
 
-def test_handcrafted_init_clusters_the_audio_side_on_the_mel_statistics(
-    tiny_shards: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "run"
-    doc = {
+def handcrafted_recipe(shards: Path, out: Path, init: str, k: int | dict = 3) -> dict:
+    return {
         "name": "handcrafted",
         "method": "xdc",
-        "data": {"shards": str(tiny_shards), "clip_frames": 4, "crop": 64, "short_side": 64},
+        "data": {"shards": str(shards), "clip_frames": 4, "crop": 64, "short_side": 64},
         "model": {"width": 0.125},
-        "clustering": {"k": 3, "iterations": 1, "niter": 10, "init": "handcrafted"},
+        "clustering": {"k": k, "iterations": 1, "niter": 10, "init": init},
         "optim": {"epoch_size": 4, "batch_size": 4, "lr": 0.05, "warmup_epochs": 0, "step_epochs": 1,
                   "total_epochs": 1},
         "run": {"out": str(out), "keep_features": True},
     }  # fmt: skip
-    recipe = parse_recipe(yaml.safe_dump(doc))
+
+
+def test_handcrafted_init_clusters_the_audio_side_on_the_mel_statistics(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    recipe = parse_recipe(yaml.safe_dump(handcrafted_recipe(tiny_shards, out, "handcrafted")))
     loop.run(recipe)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     clusters = {(r["iteration"], r["view"]): r for r in records if r["event"] == "cluster"}
@@ -92,4 +95,22 @@ def test_handcrafted_init_clusters_the_audio_side_on_the_mel_statistics(
     np.testing.assert_allclose(handcrafted.read("audio", 0, 9), stats, rtol=1e-3, atol=0.05)  # float16
     for view in ("video", "audio"):  # the labels trained on are k-means of that store, as any iteration's
         again = cluster_store(handcrafted.path, k=3, view=view, niter=10, seed=recipe.seed, gpu=False)
+        assert np.array_equal(np.load(out / "clusters" / f"it000-{view}" / "labels.npy"), again.labels)
+
+
+def test_handcrafted_only_gives_every_view_the_mel_statistics_clusters(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    doc = handcrafted_recipe(tiny_shards, out, "handcrafted-only", k={"video": 2, "audio": 3})
+    loop.run(parse_recipe(yaml.safe_dump(doc)))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = {r["view"]: r for r in records if r["event"] == "cluster" and r["iteration"] == 0}
+    assert {view: (r["k"], r["init"]) for view, r in first.items()} == {
+        "video": (2, "handcrafted-only"),
+        "audio": (3, "handcrafted-only"),
+    }
+    store = open_store(out / "features" / "it000-handcrafted.zarr")
+    for view, k in (("video", 2), ("audio", 3)):  # each view's k over the same audio statistics
+        again = cluster_store(store.path, k=k, view="audio", niter=10, seed=0, gpu=False)
         assert np.array_equal(np.load(out / "clusters" / f"it000-{view}" / "labels.npy"), again.labels)

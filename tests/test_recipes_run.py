@@ -11,7 +11,6 @@ warmup, k per view, PCA-whitening, uniform sampling, the probe, `retrain`, test 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -73,27 +72,6 @@ def split_shards(tiny_shards: Path) -> Path:
         (root / "manifest.csv").write_text("\n".join(rows) + "\n")
         plan = shuffle_plan(build_plan(root / "manifest.csv"), 0)
         run_shard(plan, ShardParams(short_side=64), root / "shards", shard_size=3, workers=2)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def fold_shards(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    """Real FSDD recordings laid out as ESC-50 (audio only): digits 0 and 1, one each in folds 1..5."""
-    from xdctools.shard.params import ShardParams
-    from xdctools.shard.plan import build_plan, shuffle_plan
-    from xdctools.shard.run import run_shard
-
-    root = tmp_path_factory.mktemp("folds")
-    (root / "meta").mkdir()
-    (root / "audio").mkdir()
-    rows = ["filename,fold,target,category,esc10,src_file,take"]
-    for digit in (0, 1):
-        for fold in range(1, 6):
-            name = f"{digit}_jackson_{fold}.wav"
-            os.symlink(shared_dir / "data" / "fsdd" / "recordings" / name, root / "audio" / name)
-            rows.append(f"{name},{fold},{digit},digit{digit},False,{fold},A")
-    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    run_shard(shuffle_plan(build_plan(root), 0), ShardParams(), root / "shards", shard_size=4, workers=1)
     return root / "shards"
 
 
@@ -239,13 +217,13 @@ def eval_overrides(recipe: EvalRecipe, sets: dict[str, Path], out: Path) -> list
 
 @pytest.mark.parametrize("path", EVAL, ids=[str(p.relative_to(ROOT / "recipes")) for p in EVAL])
 def test_evaluation_recipe_finetunes_one_step_on_cpu(
-    path: Path, split_shards: Path, fold_shards: Path, tmp_path: Path
+    path: Path, split_shards: Path, esc_shards: Path, tmp_path: Path
 ) -> None:
     from trainer.finetune import run_dir, run_finetune
     from trainer.svm import run_svm
 
     original = load_eval_recipe(path)
-    overrides = eval_overrides(original, {"split": split_shards, "folds": fold_shards}, tmp_path / "eval")
+    overrides = eval_overrides(original, {"split": split_shards, "folds": esc_shards}, tmp_path / "eval")
     recipe = load_eval_recipe(path, overrides)
     assert changed_fields(original, recipe, overrides) == set()
     assert recipe.model.precision == original.model.precision

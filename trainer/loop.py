@@ -405,7 +405,7 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
     from xdctools.cluster.report import cluster_metrics
 
     c = recipe.clustering
-    handcrafted = c.init == "handcrafted" and iteration == 0 and not final
+    handcrafted = c.init != "random" and iteration == 0 and not final
     if handcrafted and s.dist.is_main:  # the audio side from the stored log-mel (trainer/handcrafted.py)
         store = write_handcrafted_store(
             s.run_dir / "features" / "it000-handcrafted.zarr", store, s.shards, s.catalog, {"iteration": 0}
@@ -415,14 +415,16 @@ def make_labels(s: Session, store: FeatureStore | None, iteration: int, *, final
         result = None
         if s.dist.is_main:
             name = "final" if final else f"it{iteration:03d}"
+            # the features clustered: handcrafted-only gives every view the mel statistics' clusters
+            source = "audio" if handcrafted and c.init == "handcrafted-only" else view
             # PCA-whitening to at most the dimension of the handcrafted features
-            pca = c.pca if not handcrafted or c.pca is None else min(c.pca, handcrafted_dim(store, view))
+            pca = c.pca if not handcrafted or c.pca is None else min(c.pca, handcrafted_dim(store, source))
             result = cluster_store_to(  # per-row files written into the run folder as they are made
                 s.run_dir / "clusters" / f"{name}-{view}",
                 store.path,
                 overwrite=True,
                 k=c.k_for(view),
-                view=view,
+                view=source,
                 niter=c.niter,
                 seed=recipe.seed + iteration,
                 sample_per_centroid=c.sample_per_centroid,

@@ -233,7 +233,9 @@ class Clustering(Section):
     # The first pseudo-labels (iteration 0). random: k-means of the random encoders' features (the paper).
     # handcrafted: the audio side clusters each video's per-band log-mel mean and std (trainer/handcrafted.py)
     # instead of the random audio encoder's features, the option the paper's §3.3 names; video is unchanged.
-    init: Literal["random", "handcrafted"] = "random"
+    # handcrafted-only: every view's first labels cluster those audio statistics (with that view's k), so
+    # that no encoder starts from its random features' clusters; the heads route them as usual.
+    init: Literal["random", "handcrafted", "handcrafted-only"] = "random"
 
     @property
     def k_text(self) -> str:
