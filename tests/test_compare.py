@@ -9,7 +9,17 @@ import pytest
 from click.testing import CliRunner
 
 from xdctools.commands.compare import compare
-from xdctools.compare import compare_rows, k_label, load_run, mean_rows, render_markdown
+from xdctools.compare import (
+    compare_rows,
+    gap_closed,
+    iterations_to_half_gain,
+    k_label,
+    load_run,
+    mean_rows,
+    render_markdown,
+    render_seed_markdown,
+    seed_rows,
+)
 from xdctools.errors import InputError
 
 
@@ -99,3 +109,69 @@ def test_unfinished_or_broken_run_folders_are_named(tmp_path: Path):
         load_run(run)
     out = CliRunner().invoke(compare, [str(run)])
     assert out.exit_code == 3 and "unreadable run files" in out.output
+
+
+def _curve(name: str, seed: int, video: list[float], audio: list[float], init: str = "random") -> dict:
+    records = [
+        {"iteration": i, "probe_video": v, "probe_audio": a, "probe_video_se": 0.02, "nmi_video": 0.1 * i}
+        for i, (v, a) in enumerate(zip(video, audio, strict=True))
+    ]
+    return {"run": name, "method": "xdc", "seed": seed, "init": init, "iterations": records}
+
+
+def test_seed_rows_pair_each_run_with_its_own_start_and_count_iterations_to_half_the_gain():
+    runs = [
+        _curve("s0", 0, [0.2, 0.3, 0.5, 0.6, 0.7], [0.4, 0.8, 0.8, 0.8, 0.8]),
+        _curve(
+            "s2", 2, [0.1, 0.12, 0.09, 0.1, 0.05], [0.25, 0.28, 0.29, 0.28, 0.35], init="handcrafted-only"
+        ),
+    ]
+    rows = seed_rows(runs)
+    assert rows[0]["probe_video_start"] == 0.2 and rows[0]["probe_video_gain"] == pytest.approx(0.5)
+    assert rows[0]["half_probe_video"] == 2  # 0.2 + 0.25 = 0.45: first reached at iteration 2 (0.5)
+    assert rows[0]["half_probe_audio"] == 1 and rows[0]["nmi_video_gain"] == pytest.approx(0.4)
+    assert rows[1]["probe_video_gain"] == pytest.approx(-0.05) and rows[1]["half_probe_video"] is None
+    assert rows[1]["half_probe_audio"] == 4  # 0.25 + 0.05 first reached at the last iteration
+    assert iterations_to_half_gain(runs[0]["iterations"], "probe_audio_se") is None  # no such column
+    text = render_seed_markdown(rows)
+    assert "| s0 | XDC | 0 | random | 0.200 → 0.700 ± 0.020 (+0.500) | 0.400 → 0.800 (+0.400) |" in text
+    assert "| s2 | XDC | 2 | handcrafted-only |" in text and "| 4 | 2 / 1 |" not in text
+    assert text.rstrip().endswith("video probe +0.225 ± 0.389, audio probe +0.250 ± 0.212.")
+    late = {**runs[0], "iterations": [{"iteration": 3, "probe_video": 0.1}]}
+    with pytest.raises(InputError, match="s0: its first recorded iteration is not iteration 0"):
+        seed_rows([late])
+
+
+def test_mean_rows_keep_inits_apart_and_report_the_share_of_the_gap_to_superv():
+    runs = [
+        _run("x", "xdc", START, {"iteration": 6, "probe_video": 0.6, "probe_audio": 0.45}),
+        {**_run("h", "xdc", START, {"iteration": 6, "probe_video": 0.8}), "init": "handcrafted-only"},
+        _run("s", "superv", START, {"iteration": 1, "probe_video": 1.0, "probe_audio": 0.25}),
+    ]
+    rows = mean_rows(runs)
+    assert [r["label"] for r in rows] == ["Random init", "XDC", "XDC (handcrafted-only)", "Superv"]
+    closed = gap_closed(rows)
+    assert closed["XDC"] == {"probe_video": pytest.approx(0.5)}  # audio: Superv does not beat random init
+    assert closed["XDC (handcrafted-only)"] == {"probe_video": pytest.approx(0.75)}
+    text = render_markdown(rows)
+    assert "gap closed: XDC video 0.50; XDC (handcrafted-only) video 0.75." in text
+    assert gap_closed(rows[:3]) == {}  # no Superv row: no ceiling to measure against
+
+
+def test_compare_seeds_on_run_folders(tmp_path: Path):
+    for name, seed in (("a", 0), ("b", 1)):
+        run = tmp_path / name
+        run.mkdir()
+        records = [
+            {"iteration": 0, "probe_video": 0.1, "probe_audio": 0.3},
+            {"iteration": 1, "probe_video": 0.5},
+        ]
+        (run / "result.json").write_text(json.dumps({"iterations": records}))
+        (run / "recipe.yaml").write_text(
+            f"method: xdc\nseed: {seed}\nclustering:\n  k: 20\n  init: handcrafted\n"
+        )
+    out = CliRunner().invoke(compare, ["--seeds", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert out.exit_code == 0, out.output
+    assert "| a | XDC | 0 | handcrafted | 0.100 → 0.500 (+0.400) | – |" in out.output
+    both = CliRunner().invoke(compare, ["--seeds", "--mean", str(tmp_path / "a")])
+    assert both.exit_code == 2 and "--mean and --seeds are two different tables" in both.output

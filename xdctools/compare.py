@@ -29,6 +29,7 @@ COLUMNS = (
     "nmi_audio",
     "nmi_cdc",
 )
+PROBES = ("probe_video", "probe_audio")
 HEADERS = {
     "probe_video": "video probe",
     "probe_audio": "audio probe",
@@ -59,6 +60,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "method": str(recipe["method"]),
         "seed": recipe.get("seed"),
         "k": k_label(recipe.get("clustering")),
+        "init": init_label(recipe.get("clustering")),
         "iterations": result["iterations"],
     }
 
@@ -71,6 +73,13 @@ def k_label(clustering: Any) -> str | None:
     if isinstance(k, Mapping):
         return ", ".join(f"{view} {k[view]}" for view in ("video", "audio") if view in k)
     return str(k)
+
+
+def init_label(clustering: Any) -> str | None:
+    """Where a clustering run's first labels came from (`clustering.init`; recipes before it: random)."""
+    if not isinstance(clustering, Mapping):
+        return None
+    return str(clustering.get("init") or "random")
 
 
 def _finite(value: Any) -> float | None:
@@ -100,7 +109,7 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for r in runs:
         last = r["iterations"][-1]
         row = {
-            "label": METHOD_NAMES.get(r["method"], r["method"]),
+            "label": _method_label(r),
             "run": r["run"],
             "iterations": _final_iteration(r),
             "k": r.get("k"),
@@ -121,23 +130,123 @@ def mean_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     starts: dict[Any, list[Mapping[str, Any]]] = {}
     methods: dict[str, list[Mapping[str, Any]]] = {}
     for r in runs:
-        methods.setdefault(r["method"], []).append(r)
+        methods.setdefault(_method_label(r), []).append(r)
         if r["iterations"][0].get("iteration") == 0:
             starts.setdefault(r.get("seed"), []).append(r["iterations"][0])
     rows = []
     if starts:
         per_seed = [{col: _first_finite(col, group) for col in COLUMNS} for group in starts.values()]
         rows.append(_mean_row("Random init", f"iteration 0 ({_count(len(starts), 'seed')})", 0, per_seed))
-    for method, group in methods.items():
+    for label, group in methods.items():
         run = f"{_count(len(group), 'run')}: " + ", ".join(r["run"] for r in group)
         iterations = max(_final_iteration(r) for r in group)
-        row = _mean_row(
-            METHOD_NAMES.get(method, method), run, iterations, [r["iterations"][-1] for r in group]
-        )
+        row = _mean_row(label, run, iterations, [r["iterations"][-1] for r in group])
         ks = sorted({r["k"] for r in group if r.get("k") is not None})
         row["k"] = "; ".join(ks) or None
         rows.append(row)
     return rows
+
+
+def _method_label(run: Mapping[str, Any]) -> str:
+    """ "XDC", or "XDC (handcrafted-only)" when its first labels did not come from the random encoders."""
+    name = METHOD_NAMES.get(run["method"], run["method"])
+    return name if run.get("init") in (None, "random") else f"{name} ({run['init']})"
+
+
+def gap_closed(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """label -> {probe column: (method - random init) / (Superv - random init)}: the share of the gap between
+    the random encoders and supervised pretraining each method closes (1 = as good as Superv). Empty
+    without a Random init and a Superv row, or where Superv does not beat random init."""
+    start = next((r for r in rows if r["label"] == "Random init"), None)
+    ceiling = next((r for r in rows if r["label"] == "Superv"), None)
+    if start is None or ceiling is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r is start or r is ceiling:
+            continue
+        for col in PROBES:
+            low, high, value = start.get(col), ceiling.get(col), r.get(col)
+            if None not in (low, high, value) and high > low:
+                out.setdefault(r["label"], {})[col] = (value - low) / (high - low)
+    return out
+
+
+def seed_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run, paired against its own iteration 0: per modality the random-init probe, the final
+    probe and its standard error, the gain, the cluster NMI at both ends, and how many iterations it took
+    to reach half the final gain (`half_<col>`: None when it did not gain).
+
+    Seeds differ in their random encoders, so a gain is only meaningful against the same run's start.
+    """
+    rows = []
+    for r in runs:
+        first, last = r["iterations"][0], r["iterations"][-1]
+        if first.get("iteration", 0) != 0:
+            raise InputError(f"{r['run']}: its first recorded iteration is not iteration 0")
+        row: dict[str, Any] = {
+            "run": r["run"],
+            "method": r["method"],
+            "seed": r.get("seed"),
+            "init": r.get("init"),
+            "iterations": _final_iteration(r),
+        }
+        for col in (*PROBES, "nmi_video", "nmi_audio", "nmi_cdc"):
+            start, end = _finite(first.get(col)), _finite(last.get(col))
+            row[f"{col}_start"], row[col] = start, end
+            row[f"{col}_gain"] = None if start is None or end is None else end - start
+        for col in PROBES:
+            row[f"{col}_se"] = _finite(last.get(f"{col}_se"))
+            row[f"half_{col}"] = iterations_to_half_gain(r["iterations"], col)
+        rows.append(row)
+    return rows
+
+
+def iterations_to_half_gain(records: Sequence[Mapping[str, Any]], col: str) -> int | None:
+    """The first iteration whose `col` is at least iteration 0's plus half the gain the run ends with."""
+    start, end = _finite(records[0].get(col)), _finite(records[-1].get(col))
+    if start is None or end is None or end <= start:
+        return None
+    target = start + (end - start) / 2
+    for i, rec in enumerate(records[1:], 1):
+        if (v := _finite(rec.get(col))) is not None and v >= target:
+            return int(rec.get("iteration", i))
+    return None  # unreachable: the last record reaches it
+
+
+def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The per-seed table: start -> end (gain) of each probe with its standard error, NMI start -> end,
+    and the iterations to half the final gain; a last line with the gains' mean and standard deviation."""
+    lines = [
+        "| run | method | seed | init | video probe | audio probe | NMI video clusters | NMI audio clusters "
+        "| iterations to half the gain (video / audio) |",
+        "|---|---|---:|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        probes = [_paired(r, col, with_se=True) for col in PROBES]
+        nmis = [_paired(r, col) for col in ("nmi_video", "nmi_audio")]
+        half = " / ".join("–" if r[f"half_{c}"] is None else str(r[f"half_{c}"]) for c in PROBES)
+        method = METHOD_NAMES.get(r["method"], r["method"])
+        lines.append(
+            f"| {r['run']} | {method} | {r['seed']} | {r['init'] or '–'} | "
+            + " | ".join(probes + nmis)
+            + f" | {half} |"
+        )
+    gains = {c: [g for r in rows if (g := r.get(f"{c}_gain")) is not None] for c in PROBES}
+    if all(len(g) > 1 for g in gains.values()):
+        parts = ", ".join(
+            f"{HEADERS[c]} {statistics.fmean(g):+.3f} ± {statistics.stdev(g):.3f}" for c, g in gains.items()
+        )
+        lines += ["", f"Gain over {len(rows)} runs (mean ± sd): {parts}."]
+    return "\n".join(lines) + "\n"
+
+
+def _paired(row: Mapping[str, Any], col: str, *, with_se: bool = False) -> str:
+    start, end, gain = row.get(f"{col}_start"), row.get(col), row.get(f"{col}_gain")
+    if start is None or end is None:
+        return "–"
+    se = row.get(f"{col}_se") if with_se else None
+    return f"{start:.3f} → {end:.3f}" + (f" ± {se:.3f}" if se is not None else "") + f" ({gain:+.3f})"
 
 
 def _final_iteration(run: Mapping[str, Any]) -> int:
@@ -183,6 +292,13 @@ def render_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = [_cell(r.get(c), r.get(f"{c}_sd")) for c in cols]
         k = f"{r.get('k') or '–'} | " if with_k else ""
         lines.append(f"| {r['label']} | {r['run']} | {r['iterations']} | {k}" + " | ".join(cells) + " |")
+    closed = gap_closed(rows)
+    if closed:
+        parts = "; ".join(
+            f"{label} " + ", ".join(f"{HEADERS[c].split()[0]} {v:.2f}" for c, v in cols_.items())
+            for label, cols_ in closed.items()
+        )
+        lines += ["", f"Share of the random init → Superv gap closed: {parts}."]
     spread = {c: v for r in rows for c, v in r.get("spread", {}).items() if v > 0 and c in cols}
     if spread:
         parts = ", ".join(f"{HEADERS[c]} by up to {v:.3f}" for c, v in spread.items())

@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from xdctools.atomic import write_text_atomic
-from xdctools.compare import compare_rows, load_run, mean_rows, render_markdown
+from xdctools.compare import (
+    compare_rows,
+    load_run,
+    mean_rows,
+    render_markdown,
+    render_seed_markdown,
+    seed_rows,
+)
 
 
 @click.command("compare")
@@ -23,13 +30,28 @@ from xdctools.compare import compare_rows, load_run, mean_rows, render_markdown
     is_flag=True,
     help="One row per method: mean ± standard deviation over its runs (seeds).",
 )
-def compare(runs: tuple[Path, ...], output: Path | None, json_out: Path | None, over_seeds: bool) -> None:
+@click.option(
+    "--seeds",
+    "per_seed",
+    is_flag=True,
+    help="One row per run against its own iteration 0: gains, NMI and iterations to half the final gain.",
+)
+def compare(
+    runs: tuple[Path, ...], output: Path | None, json_out: Path | None, over_seeds: bool, per_seed: bool
+) -> None:
     """Linear-probe accuracy and cluster NMI of the final encoders of each RUN (folders written by
     `xdctools train` with probe on), with a first row for the random encoders every run starts from.
+    With a Superv run among them, the share of the random -> Superv gap each method closes.
     """
+    if over_seeds and per_seed:
+        raise click.UsageError("--mean and --seeds are two different tables: pick one")
     loaded = [load_run(r) for r in runs]
-    rows = mean_rows(loaded) if over_seeds else compare_rows(loaded)
-    table = render_markdown(rows)
+    if per_seed:
+        rows = seed_rows(loaded)
+        table = render_seed_markdown(rows)
+    else:
+        rows = mean_rows(loaded) if over_seeds else compare_rows(loaded)
+        table = render_markdown(rows)
     if output is not None:
         write_text_atomic(output, table)
     if json_out is not None:
