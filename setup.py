@@ -41,6 +41,8 @@ setup(
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu-cu12>=1.8"],
         "test": ["pytest>=7", "ruff>=0.5"],
+        # --executor slurm (shard, extract, train); the tests run its local executor, without Slurm.
+        "slurm": ["submitit>=1.5"],
     },
     entry_points={"console_scripts": ["xdctools=xdctools.cli:main"]},
 )

@@ -86,7 +86,7 @@ def work(mode: str, path: str, extra: str) -> dict:
     import faiss
 
     from xdctools.cluster.assign import ChunkAssign, StoreRows, make_index
-    from xdctools.cluster.kmeans import cluster_store, sample_rows, save_result
+    from xdctools.cluster.kmeans import KMeansParams, cluster_store, sample_rows, save_result
     from xdctools.cluster.rowfiles import NpyColumn
     from xdctools.features.store import open_store
 
@@ -132,7 +132,7 @@ def work(mode: str, path: str, extra: str) -> dict:
         out["objective"] = float(dist.astype(np.float64).sum())
     elif mode == "cluster":  # the training loop's path: cluster_store, then save_result
         target, refine = extra.rsplit(":", 1)
-        result = cluster_store(path, k=K, niter=NITER, seed=SEED, refine=int(refine))
+        result = cluster_store(path, KMeansParams(k=K, niter=NITER, seed=SEED, refine=int(refine)))
         save_result(result, Path(target), overwrite=True)
         out["objective"] = result.stats["objective"]
         out["timings"] = result.stats["timings"]
@@ -203,7 +203,7 @@ def kmeans_in_memory(n: int, gpu: bool, out: Path | None) -> dict:
     xdctools' cluster_array (sample + streamed assignment) on each. Figures: seconds, objective, NMI."""
     import faiss
 
-    from xdctools.cluster import cluster_array
+    from xdctools.cluster import KMeansParams, cluster_array
     from xdctools.cluster.report import cluster_metrics
 
     d = 512
@@ -239,7 +239,9 @@ def kmeans_in_memory(n: int, gpu: bool, out: Path | None) -> dict:
              objective_gap=gap)  # fmt: skip
     for device in devices:
         t = time.perf_counter()
-        result = cluster_array(x, k=K, niter=NITER, seed=SEED, gpu=1 if device == "gpu" else False)
+        result = cluster_array(
+            x, KMeansParams(k=K, niter=NITER, seed=SEED, gpu=1 if device == "gpu" else False)
+        )
         seconds = time.perf_counter() - t
         timings = {k: round(v, 2) for k, v in result.stats["timings"].items()}
         print(f"cluster_array {device}: {seconds:.2f} s ({timings})")

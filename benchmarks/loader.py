@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer import data  # noqa: E402
 from xdctools.shard import format as fmt  # noqa: E402
+from xdctools.shard.read import parse_index  # noqa: E402
 
 MEDIA = ROOT.parent / "shared" / "data" / "media" / "kinetics"
 
@@ -60,7 +61,7 @@ class PyAVClips(torch.utils.data.Dataset):
         self.clip = clip
         self.items: list[tuple[Path, dict[str, tuple[int, int]]]] = []
         for tar, idx in zip(shards.tars, shards.indexes, strict=True):
-            self.items += [(tar, members) for _, members in data.parse_index(idx.read_text())]
+            self.items += [(tar, members) for _, members in parse_index(idx.read_text())]
         self.mean = torch.tensor(clip.mean).view(3, 1, 1, 1)
         self.std = torch.tensor(clip.std).view(3, 1, 1, 1)
 

@@ -26,8 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.data import VIDEO_EXTS, find_shards, parse_index  # noqa: E402
+from trainer.data import VIDEO_EXTS, find_shards  # noqa: E402
 from xdctools.shard import format as fmt  # noqa: E402
+from xdctools.shard.read import parse_index  # noqa: E402
 
 LENGTH = 8
 

@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import loop  # noqa: E402
+from trainer import labels, loop, session  # noqa: E402
 from trainer.data import train_loader  # noqa: E402
 from trainer.step import train_step  # noqa: E402
 from xdctools.recipe import parse_recipe  # noqa: E402
@@ -111,12 +111,13 @@ def main() -> None:
             }
         )
     )
-    s = loop.open_session(recipe, resume=False, progress=None)
+    s = session.open_session(recipe, resume=False, progress=None)
     state = s.state
     rng = np.random.default_rng(0)
     state.labels = {v: rng.integers(0, 16, s.catalog.num_videos).astype(np.int32) for v in ("video", "audio")}
+    loop.reset_heads(s, 0)
     loop.start_iteration(s, state, 0)
-    tables = loop.label_tables(s, loop.route_labels(recipe.heads, state.labels))
+    tables = labels.label_tables(s, labels.route_labels(recipe.heads, state.labels))
 
     batch_data = next(
         iter(train_loader(s.shards, batch_size=batch, epoch_size=batch, clip=s.clip, run=s.runtime(1)))

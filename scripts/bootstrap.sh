@@ -32,7 +32,7 @@ fi
 
 stamp="$VENV/.xdctools-installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  echo "[bootstrap] installing xdctools[cpu,test] (DALI, faiss-cpu, zarr, librosa, ...)"
-  "$VENV/bin/pip" install -q -e ".[cpu,test]"
+  echo "[bootstrap] installing xdctools[cpu,test,slurm] (DALI, faiss-cpu, zarr, librosa, submitit, ...)"
+  "$VENV/bin/pip" install -q -e ".[cpu,test,slurm]"
   touch "$stamp"
 fi

@@ -24,10 +24,11 @@ import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
 from trainer.data import find_shards
-from xdctools.inspect import scan_tar
+from xdctools.shard import format as fmt
+from xdctools.shard.read import locations, read_samples
 
 FACTORS = ("digit", "speaker", "background", "ink")
-# name -> cluster_store arguments; the first is the loop's k-means as recipes/digits.yaml sets it
+# name -> KMeansParams fields; the first is the loop's k-means as recipes/digits.yaml sets it
 VARIANTS = {
     "k=20": {"k": 20},
     "k=20 spherical": {"k": 20, "spherical": True},
@@ -64,7 +65,8 @@ def video_sources(tars: Iterable[Path]) -> dict[int, str]:
 
     Indices count from 0 in every set: pass the tars of the set the run clustered, and no other.
     """
-    return {s.info["video"]: s.meta["source"]["name"] for tar in tars for s in scan_tar(tar)}
+    samples = read_samples(locations(tars), (fmt.INFO_EXT, fmt.META_EXT))
+    return {s.info["video"]: s.meta["source"]["name"] for s in samples}
 
 
 def main() -> None:
@@ -118,13 +120,13 @@ def print_runs(runs: Sequence[Path], described: Mapping, sources: Mapping[int, s
 
 
 def print_variants(stores: Sequence[Path], described: Mapping, sources: Mapping[int, str], seed: int) -> None:
-    from xdctools.cluster import cluster_store
+    from xdctools.cluster import KMeansParams, cluster_store
 
     print(table_header("store", "view", "k-means"))
     for store in stores:
         for view in ("video", "audio"):
             for name, kwargs in VARIANTS.items():
-                result = cluster_store(store, view=view, seed=seed, gpu=False, **kwargs)
+                result = cluster_store(store, KMeansParams(seed=seed, gpu=False, **kwargs), view=view)
                 row = table_row([str(store), view, name], described, sources, result.index, result.labels)
                 print(row, flush=True)
 

@@ -10,6 +10,7 @@ import tarfile
 import tempfile
 import tracemalloc
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -25,6 +26,7 @@ from xdctools.cluster import kmeans as kmeans_module
 from xdctools.cluster.assign import ChunkAssign, StoreRows, l2_normalize
 from xdctools.cluster.kmeans import (
     RESEED_ROUNDS,
+    KMeansParams,
     cluster_array,
     cluster_store,
     cluster_store_to,
@@ -108,7 +110,9 @@ def faiss_reference(x: np.ndarray, k: int, *, niter: int, seed: int, spc: int, s
 
 @pytest.mark.parametrize("spc", [256, 8])  # the whole set fits in the sample / a sample of 96 rows
 def test_labels_identical_to_in_memory_faiss_kmeans(store_path: Path, fsdd: dict, spc: int) -> None:
-    result = cluster_store(store_path, k=12, view="video", niter=15, seed=4, sample_per_centroid=spc)
+    result = cluster_store(
+        store_path, KMeansParams(k=12, niter=15, seed=4, sample_per_centroid=spc), view="video"
+    )
     x = stored(fsdd, "video")
     km, labels, dist = faiss_reference(x, 12, niter=15, seed=4, spc=spc)
     np.testing.assert_array_equal(result.labels, labels)
@@ -162,15 +166,15 @@ def test_cdc_view_equals_the_explicit_concatenation(store_path: Path, fsdd: dict
     np.testing.assert_allclose(got, explicit, rtol=1e-6, atol=1e-7)
     assert not any("cdc" in p.name for p in store_path.iterdir())  # never materialised
 
-    on_store = cluster_store(store_path, k=8, view="cdc", niter=10, seed=1)
-    in_memory = cluster_array(explicit, k=8, niter=10, seed=1)
+    on_store = cluster_store(store_path, KMeansParams(k=8, niter=10, seed=1), view="cdc")
+    in_memory = cluster_array(explicit, KMeansParams(k=8, niter=10, seed=1))
     np.testing.assert_array_equal(on_store.labels, in_memory.labels)
     np.testing.assert_allclose(on_store.centroids, in_memory.centroids, rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_on_real_speaker_labels(store_path: Path, fsdd: dict) -> None:
     truth = fsdd["speaker"]
-    result = cluster_store(store_path, k=12, view="audio", niter=20, seed=0)
+    result = cluster_store(store_path, KMeansParams(k=12, niter=20, seed=0), view="audio")
     metrics = cluster_metrics(truth, result.labels)
     assert metrics["nmi"] == pytest.approx(normalized_mutual_info_score(truth, result.labels))
     assert metrics["ari"] == pytest.approx(adjusted_rand_score(truth, result.labels))
@@ -207,8 +211,10 @@ def test_purity_and_table_on_a_hand_computed_case() -> None:
 
 
 def test_refine_passes_lower_the_objective(store_path: Path) -> None:
-    base = cluster_store(store_path, k=12, view="video", niter=2, seed=0, sample_per_centroid=4)
-    refined = cluster_store(store_path, k=12, view="video", niter=2, seed=0, sample_per_centroid=4, refine=3)
+    base = cluster_store(store_path, KMeansParams(k=12, niter=2, seed=0, sample_per_centroid=4), view="video")
+    refined = cluster_store(
+        store_path, KMeansParams(k=12, niter=2, seed=0, sample_per_centroid=4, refine=3), view="video"
+    )
     passes = [p["objective"] for p in refined.stats["refine"]]
     assert passes[0] == pytest.approx(
         base.stats["objective"], rel=1e-6
@@ -221,7 +227,7 @@ def test_empty_clusters_are_split_and_reported(fsdd: dict) -> None:
     x = np.repeat(
         fsdd["audio"][:30], 12, axis=0
     )  # 30 distinct rows, each 12 times: k=40 must leave some empty
-    result = cluster_array(x, k=40, niter=5, seed=0, refine=1)
+    result = cluster_array(x, KMeansParams(k=40, niter=5, seed=0, refine=1))
     sizes = np.asarray(result.stats["sizes"])
     assert result.stats["empty_clusters"] == np.flatnonzero(sizes == 0).tolist() != []
     assert result.stats["splits"] > 0 and result.stats["refine"][0]["splits"] > 0
@@ -239,13 +245,13 @@ def test_clusters_left_empty_by_the_assignment_are_reseeded(fsdd: dict, spherica
     # A sample of k rows (--sample-per-centroid 1) holds several copies of the collapsed row: faiss cannot
     # split identical rows, so it ends with centroids no row is nearest to, in the sample and in all rows.
     x = collapsed(fsdd)
-    kw = dict(k=32, niter=10, seed=0, sample_per_centroid=1, spherical=spherical, gpu=False)
-    plain = cluster_array(x, reseed_empty=False, **kw)
+    params = KMeansParams(k=32, niter=10, seed=0, sample_per_centroid=1, spherical=spherical, gpu=False)
+    plain = cluster_array(x, replace(params, reseed_empty=False))
     empty = plain.stats["empty_clusters"]
     assert len(empty) >= 3 and (plain.sizes[empty] == 0).all()
     assert plain.stats["reseeded"] == {"empty_before": len(empty), "rounds": 0, "clusters": 0}
 
-    fixed = cluster_array(x, **kw)
+    fixed = cluster_array(x, params)
     assert fixed.stats["empty_clusters"] == [] and fixed.stats["min_size"] >= 1
     np.testing.assert_array_equal(np.unique(fixed.labels), np.arange(32))
     assert fixed.stats["params"]["reseed_empty"] and not plain.stats["params"]["reseed_empty"]
@@ -260,7 +266,7 @@ def test_clusters_left_empty_by_the_assignment_are_reseeded(fsdd: dict, spherica
     if spherical:
         np.testing.assert_allclose(np.linalg.norm(fixed.centroids, axis=1), 1, rtol=1e-5)
     assert fixed.stats["objective"] < plain.stats["objective"]
-    again = cluster_array(x, **kw)  # seeded by --seed: reproducible
+    again = cluster_array(x, params)  # seeded by --seed: reproducible
     assert again.labels.tobytes() == fixed.labels.tobytes()
     np.testing.assert_array_equal(again.centroids, fixed.centroids)
 
@@ -305,7 +311,7 @@ def test_reseed_rule_splits_a_donor_of_size_above_one() -> None:
 
 def test_clusters_that_cannot_be_filled_are_reported(fsdd: dict) -> None:
     x = np.repeat(fsdd["audio"][:30], 12, axis=0)  # 30 distinct rows for 40 clusters
-    result = cluster_array(x, k=40, niter=5, seed=0, gpu=False)
+    result = cluster_array(x, KMeansParams(k=40, niter=5, seed=0, gpu=False))
     sizes = np.asarray(result.stats["sizes"])
     assert len(result.stats["empty_clusters"]) == 40 - np.count_nonzero(sizes) >= 10  # at most 30 filled
     assert result.stats["reseeded"]["rounds"] == RESEED_ROUNDS  # bounded: gives up, no error
@@ -314,8 +320,10 @@ def test_clusters_that_cannot_be_filled_are_reported(fsdd: dict) -> None:
 
 
 def test_reseeding_changes_nothing_without_empty_clusters(store_path: Path) -> None:
-    on = cluster_store(store_path, k=12, view="audio", niter=10, seed=1, gpu=False)
-    off = cluster_store(store_path, k=12, view="audio", niter=10, seed=1, gpu=False, reseed_empty=False)
+    on = cluster_store(store_path, KMeansParams(k=12, niter=10, seed=1, gpu=False), view="audio")
+    off = cluster_store(
+        store_path, KMeansParams(k=12, niter=10, seed=1, gpu=False, reseed_empty=False), view="audio"
+    )
     assert on.stats["empty_clusters"] == [] and on.stats["reseeded"] == off.stats["reseeded"]
     assert on.stats["reseeded"] == {"empty_before": 0, "rounds": 0, "clusters": 0}
     assert on.labels.tobytes() == off.labels.tobytes()
@@ -330,14 +338,14 @@ def test_reseeding_changes_nothing_without_empty_clusters(store_path: Path) -> N
 def test_spherical_and_pca_whitening(fsdd: dict) -> None:
     x = fsdd["video"]
     unit = l2_normalize(x.copy())
-    result = cluster_array(x, k=10, niter=10, seed=2, spherical=True)
+    result = cluster_array(x, KMeansParams(k=10, niter=10, seed=2, spherical=True))
     _, labels, _ = faiss_reference(unit, 10, niter=10, seed=2, spc=256, spherical=True)
     np.testing.assert_array_equal(result.labels, labels)
     np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1, rtol=1e-5)
     expected = ((unit - result.centroids[result.labels]) ** 2).sum(1)
     np.testing.assert_allclose(result.distances, expected, atol=1e-5)
 
-    result = cluster_array(x, k=10, niter=10, seed=2, pca=16)
+    result = cluster_array(x, KMeansParams(k=10, niter=10, seed=2, pca=16))
     pca = faiss.PCAMatrix(80, 16, -0.5)
     pca.train(x)
     whitened = l2_normalize(pca.apply(x))
@@ -349,7 +357,9 @@ def test_spherical_and_pca_whitening(fsdd: dict) -> None:
 
 def test_progress_and_save_load_roundtrip(store_path: Path, tmp_path: Path) -> None:
     calls: list[tuple[str, int, int]] = []
-    result = cluster_store(store_path, k=5, view="audio", pca=8, progress=lambda *a: calls.append(a))
+    result = cluster_store(
+        store_path, KMeansParams(k=5, pca=8), view="audio", progress=lambda *a: calls.append(a)
+    )
     stages = [c[0] for c in calls]
     assert stages[0] == "sample" and "train" in stages and stages[-1] == "assign"
     assert calls[-1] == ("assign", 360, 360)
@@ -375,11 +385,11 @@ def test_nonfinite_rows_fail_or_are_dropped(fsdd: dict, tmp_path: Path) -> None:
     path = make_store(tmp_path / "bad.zarr", feats)
     message = rf"3 of 360 rows are not finite \(NaN/inf; first rows: {bad[0]}, {bad[1]}, {bad[2]}\)"
     with pytest.raises(DataError, match=message):  # found while sampling (every row is in the sample)
-        cluster_store(path, k=4)
+        cluster_store(path, KMeansParams(k=4))
     with pytest.raises(DataError, match=message):  # found by the assignment pass
-        cluster_store(path, k=4, sample_per_centroid=2)
+        cluster_store(path, KMeansParams(k=4, sample_per_centroid=2))
 
-    result = cluster_store(path, k=4, drop_nonfinite=True)
+    result = cluster_store(path, KMeansParams(k=4, drop_nonfinite=True))
     assert result.labels[bad].tolist() == [-1, -1, -1] and np.isnan(result.distances[bad]).all()
     assert (np.delete(result.labels, bad) >= 0).all()
     assert result.stats["dropped_rows"] == 3 and result.stats["dropped_first"] == bad
@@ -388,25 +398,25 @@ def test_nonfinite_rows_fail_or_are_dropped(fsdd: dict, tmp_path: Path) -> None:
 
 def test_bad_inputs_fail_cleanly(store_path: Path, fsdd: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="k=361 is greater than the 360 rows"):
-        cluster_store(store_path, k=361)
+        cluster_store(store_path, KMeansParams(k=361))
     with pytest.raises(ConfigError, match="view must be one of"):
-        cluster_store(store_path, k=2, view="both")
+        cluster_store(store_path, KMeansParams(k=2), view="both")
     with pytest.raises(ConfigError, match=r"--pca must be in \[1, 40\]"):
-        cluster_store(store_path, k=2, view="audio", pca=41)
+        cluster_store(store_path, KMeansParams(k=2, pca=41), view="audio")
     with pytest.raises(DataError, match="no feature store here"):
-        cluster_store(tmp_path / "none.zarr", k=2)
+        cluster_store(tmp_path / "none.zarr", KMeansParams(k=2))
     video_only = make_store(tmp_path / "v.zarr", fsdd, modalities=("video",))
     with pytest.raises(DataError, match="view 'cdc' needs 'audio' features"):
-        cluster_store(video_only, k=2, view="cdc")
+        cluster_store(video_only, KMeansParams(k=2), view="cdc")
     partial = create_store(tmp_path / "p.zarr", 360, {"video": 80}, chunk_rows=CHUNK)
     partial.write_rows(0, {"video": fsdd["video"][:CHUNK]}, fsdd["index"][:CHUNK])
     with pytest.raises(DataError, match="328 of 360 rows are not written"):
-        cluster_store(tmp_path / "p.zarr", k=2)
+        cluster_store(tmp_path / "p.zarr", KMeansParams(k=2))
     with pytest.raises(DataError, match="non-empty"):
-        cluster_array(np.zeros((0, 4), np.float32), k=1)
+        cluster_array(np.zeros((0, 4), np.float32), KMeansParams(k=1))
     if faiss.get_num_gpus() == 0:  # faiss-cpu: asking for a GPU is an error, "auto" falls back to the CPU
         with pytest.raises(ConfigError, match=r"0 GPU\(s\) visible to faiss"):
-            cluster_store(store_path, k=2, gpu=True)
+            cluster_store(store_path, KMeansParams(k=2, gpu=True))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -486,8 +496,15 @@ def test_outputs_on_disk_are_byte_identical_to_the_in_memory_computation(
     else:
         feats, path, view = fsdd, store_path, case["view"]
     x = feats[view].astype(np.float16).astype(np.float32)
-    kw = dict(k=case["k"], niter=case["niter"], seed=case["seed"], sample_per_centroid=case["spc"])
-    kw.update(refine=case["refine"], spherical=case["spherical"], gpu=False)
+    params = KMeansParams(
+        k=case["k"],
+        niter=case["niter"],
+        seed=case["seed"],
+        sample_per_centroid=case["spc"],
+        refine=case["refine"],
+        spherical=case["spherical"],
+        gpu=False,
+    )
     ref = in_memory_reference(x, case["k"], niter=case["niter"], seed=case["seed"], spc=case["spc"],
                               refine=case["refine"], spherical=case["spherical"])  # fmt: skip
     expected = {
@@ -497,7 +514,7 @@ def test_outputs_on_disk_are_byte_identical_to_the_in_memory_computation(
         "centroids.npy": npy_bytes(ref["centroids"]),
     }
 
-    result = cluster_store(path, view=view, **kw)
+    result = cluster_store(path, params, view=view)
     assert result.stats["reseeded"]["rounds"] == ref["rounds"]
     if case["view"] == "collapsed":
         assert ref["rounds"] >= 1 and result.stats["reseeded"]["empty_before"] > 0  # files rewritten in place
@@ -527,7 +544,7 @@ def test_per_row_files_are_written_in_the_workdir_and_linked_not_copied(
 ) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    result = cluster_store(store_path, k=6, view="audio", niter=5, seed=0, workdir=work)
+    result = cluster_store(store_path, KMeansParams(k=6, niter=5, seed=0), view="audio", workdir=work)
     assert sorted(p.name for p in work.iterdir()) == ["distances.npy", "index.npy", "labels.npy"]
     assert Path(result.labels.filename) == work / "labels.npy"
     inode = {p.name: p.stat().st_ino for p in work.iterdir()}
@@ -546,7 +563,9 @@ def test_per_row_files_are_written_in_the_workdir_and_linked_not_copied(
     assert (out / "labels.npy").read_bytes() == (work / "labels.npy").read_bytes()
 
     saved = {name: (out / name).read_bytes() for name in inode}
-    again = cluster_store(store_path, k=3, view="video", niter=5, seed=1, workdir=work)  # same workdir
+    again = cluster_store(
+        store_path, KMeansParams(k=3, niter=5, seed=1), view="video", workdir=work
+    )  # same workdir
     assert (work / "labels.npy").stat().st_ino != inode["labels.npy"]  # new files: the links keep theirs
     assert {name: (out / name).read_bytes() for name in inode} == saved
     assert again.labels.max() == 2 and result.files["distances"][1].max() > 0
@@ -556,7 +575,7 @@ def test_the_default_scratch_folder_goes_with_the_result(
     store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    result = cluster_store(store_path, k=6, view="audio", niter=5, seed=0)
+    result = cluster_store(store_path, KMeansParams(k=6, niter=5, seed=0), view="audio")
     (scratch,) = tmp_path.glob("xdctools-cluster-*")
     out = save_result(result, tmp_path / "out")
     labels = result.labels  # what the training loop keeps: usable after the result (and its files) go
@@ -569,7 +588,7 @@ def test_the_default_scratch_folder_goes_with_the_result(
     bad = {"audio": np.full((64, 4), np.nan, np.float32), "index": np.arange(64)}
     path = make_store(tmp_path / "bad.zarr", bad, modalities=("audio",))
     with pytest.raises(DataError, match="not finite"):  # a failed clustering leaves no scratch folder
-        cluster_store(path, k=2, view="audio")
+        cluster_store(path, KMeansParams(k=2), view="audio")
     assert list(tmp_path.glob("xdctools-cluster-*")) == []
 
 
@@ -577,22 +596,22 @@ def test_cluster_store_to_writes_the_rows_into_the_output_folder_and_no_scratch(
     store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    kw = dict(k=6, view="audio", niter=5, seed=0, gpu=False)
+    params = KMeansParams(k=6, niter=5, seed=0, gpu=False)
     out = tmp_path / "out"
     result = cluster_store_to(
-        out, store_path, extra_files=lambda r: {"n.txt": str(len(r.labels)).encode()}, **kw
+        out, store_path, params, view="audio", extra_files=lambda r: {"n.txt": str(len(r.labels)).encode()}
     )
     assert list(tmp_path.glob("xdctools-cluster-*")) == [] and list(tmp_path.glob(".out.*")) == []
     assert {name: path for name, (path, _) in result.files.items()} == {
         name: out / f"{name}.npy" for name in ("labels", "distances", "index")
     }
-    reference = save_result(cluster_store(store_path, **kw), tmp_path / "reference")
+    reference = save_result(cluster_store(store_path, params, view="audio"), tmp_path / "reference")
     for name in ("labels.npy", "distances.npy", "index.npy", "centroids.npy"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert (out / "n.txt").read_text() == str(len(result.labels))
     with pytest.raises(InputError, match="already exists"):  # an existing folder is kept without overwrite
-        cluster_store_to(out, store_path, **kw)
-    again = cluster_store_to(out, store_path, overwrite=True, **{**kw, "k": 3})
+        cluster_store_to(out, store_path, params, view="audio")
+    again = cluster_store_to(out, store_path, replace(params, k=3), view="audio", overwrite=True)
     assert np.load(out / "labels.npy").max() == 2 and np.array_equal(
         np.asarray(again.labels), np.load(out / "labels.npy")
     )
@@ -645,7 +664,9 @@ def test_peak_memory_does_not_grow_with_the_rows(tmp_path: Path, monkeypatch: py
         gc.collect()
         tracemalloc.start()
         try:
-            result = cluster_store(store.path, k=4, niter=4, seed=0, sample_per_centroid=64, refine=1)
+            result = cluster_store(
+                store.path, KMeansParams(k=4, niter=4, seed=0, sample_per_centroid=64, refine=1)
+            )
             save_result(result, tmp_path / f"out{n}")
             peaks[n] = tracemalloc.get_traced_memory()[1]
         finally:
@@ -697,7 +718,7 @@ def test_cli_clusters_and_reports(store_path: Path, fsdd: dict, tmp_path: Path) 
         "sizes.png",
         "stats.json",
     ]
-    expected = cluster_store(store_path, k=12, view="audio", seed=3, gpu=False)
+    expected = cluster_store(store_path, KMeansParams(k=12, seed=3, gpu=False), view="audio")
     np.testing.assert_array_equal(np.load(out / "labels.npy"), expected.labels)
     report = json.loads((out / "report.json").read_text())
     assert report["nmi"] == pytest.approx(cluster_metrics(fsdd["speaker"], expected.labels)["nmi"])

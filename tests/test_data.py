@@ -25,7 +25,6 @@ from trainer.data import (
     eval_loader,
     extract_loader,
     find_shards,
-    parse_index,
     train_loader,
     warn_if_name_ordered,
 )
@@ -35,6 +34,7 @@ from xdctools.errors import ConfigError, DataError
 from xdctools.shard import format as fmt
 from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan
+from xdctools.shard.read import parse_index
 from xdctools.shard.run import run_shard
 from xdctools.synth import SynthParams, encode_mp4, synthesize, write_flash_click
 

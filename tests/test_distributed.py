@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from trainer import distributed, loop
+from trainer import distributed, session
 from trainer.checkpoint import list_checkpoints, load_checkpoint, unpack_array
 from trainer.data import ClipSpec, Runtime, find_shards
 from trainer.extract import extract_features
 from trainer.models import r2plus1d_18, resnet18_audio
 from trainer.optim import build_optimizer, effective_schedule
-from xdctools.cluster import cluster_store
+from xdctools.cluster import KMeansParams, cluster_store
 from xdctools.errors import ConfigError
 from xdctools.features.store import open_store
 from xdctools.recipe import parse_recipe
@@ -30,7 +30,7 @@ CLIP = ClipSpec(length=4, crop=64)
 
 
 def encoders(seed: int = 0) -> dict[str, torch.nn.Module]:
-    """What `trainer.loop.build_learner` builds for width 0.125 and this seed."""
+    """What `trainer.session.build_learner` builds for width 0.125 and this seed."""
     torch.manual_seed(seed)
     return {"video": r2plus1d_18(width=0.125), "audio": resnet18_audio(width=0.125)}
 
@@ -54,12 +54,12 @@ def test_one_process_collectives_are_identities(monkeypatch: pytest.MonkeyPatch)
 ONE = """
 import json, sys, torch
 import torch.distributed as torch_dist
-from trainer import distributed, loop
+from trainer import distributed, session
 from xdctools.recipe import parse_recipe
 d = distributed.init("cpu")
 recipe = parse_recipe(open(sys.argv[1]).read())
-learner = loop.build_learner(recipe, {"video": 3, "audio": 3})
-model = loop.wrap_for_training(learner, recipe, d)
+learner = session.build_learner(recipe, {"video": 3, "audio": 3})
+model = session.wrap_for_training(learner, recipe, d)
 print(json.dumps({"group": torch_dist.is_initialized(), "backend": torch_dist.get_backend(),
                   "world": torch_dist.get_world_size(), "ddp": type(model).__name__}))
 distributed.cleanup()
@@ -103,7 +103,7 @@ from trainer import distributed, loop
 from trainer.data import ClipSpec, Runtime, find_shards
 from trainer.extract import extract_features
 from trainer.models import r2plus1d_18, resnet18_audio
-from xdctools.cluster import cluster_store
+from xdctools.cluster import KMeansParams, cluster_store
 from xdctools.recipe import parse_recipe
 
 shards_root, out, recipe_path = sys.argv[1:4]
@@ -123,8 +123,9 @@ run = Runtime(num_threads=1, rank=d.rank, world_size=d.world_size)
 store = extract_features(encoders, shards, out / "feats.zarr", batch_size=4,
                          clip=ClipSpec(length=4, crop=64), run=run, chunk_rows=2)
 labels = {}
+params = KMeansParams(k=3, niter=10, seed=0)
 for view in ("video", "audio"):
-    mine = cluster_store(store.path, k=3, view=view, niter=10, seed=0).labels if d.is_main else None
+    mine = cluster_store(store.path, params, view=view).labels if d.is_main else None
     labels[view] = distributed.broadcast_array(mine).tolist()
 checks["labels"] = labels
 # the whole loop under DDP, observed (not changed): the first step, every labelling, the final weights
@@ -209,7 +210,8 @@ def test_two_processes_match_one(tiny_shards: Path, tmp_path: Path) -> None:
     for m in ("video", "audio"):
         np.testing.assert_allclose(two.read(m, 0, 9), one.read(m, 0, 9), rtol=2e-3, atol=1e-3)
     labels = {
-        v: cluster_store(one.path, k=3, view=v, niter=10, seed=0).labels.tolist() for v in ("video", "audio")
+        v: cluster_store(one.path, KMeansParams(k=3, niter=10, seed=0), view=v).labels.tolist()
+        for v in ("video", "audio")
     }
     assert ranks[0]["labels"] == labels
 
@@ -255,7 +257,7 @@ def check_first_step_is_one_process_step(tmp_path: Path, recipe: dict) -> None:
         assert torch.equal(value, steps[1]["before"][key])
     params = [
         k
-        for k, _ in loop.build_learner(
+        for k, _ in session.build_learner(
             parse_recipe(yaml.safe_dump(recipe)), {"video": 3, "audio": 3}
         ).named_parameters()
     ]
@@ -263,7 +265,7 @@ def check_first_step_is_one_process_step(tmp_path: Path, recipe: dict) -> None:
         assert torch.equal(steps[0]["after"][key], steps[1]["after"][key])
     one = parse_recipe(yaml.safe_dump({**recipe, "optim": {**recipe["optim"], "lr": 0.1}}))
     assert steps[0]["lr"] == effective_schedule(one.optim, 1).lr == 0.1  # 2 x 0.05 on 2 ranks
-    learner = loop.build_learner(one, {"video": 3, "audio": 3})
+    learner = session.build_learner(one, {"video": 3, "audio": 3})
     learner.load_state_dict(steps[0]["before"])
     learner.train()
     optimizer = build_optimizer(learner.parameters(), one.optim)

@@ -1,4 +1,4 @@
-"""Downstream evaluation (trainer.finetune, trainer.svm, trainer.results, `xdctools finetune`) on real shards.
+"""Downstream evaluation (trainer.evaluate: finetune, svm, results; `xdctools finetune`) on real shards.
 
 Shards come from the real pipeline: synth videos split by a manifest, FSDD recordings laid out as
 ESC-50, the real UCF101/HMDB51 clips of ../shared/data with their official split files, and real
@@ -24,39 +24,29 @@ from field_reads import all_fields, field_reads
 
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.data import ClipSpec, Runtime, eval_loader, train_loader
-from trainer.extract import read_catalog
-from trainer.finetune import (
-    ClipRows,
-    EncoderSource,
+from trainer.evaluate.encoders import EncoderSource, build_encoder, encoder_state, make_classifier, set_mode
+from trainer.evaluate.finetune import SplitResult, run_finetune, summarise_sweep
+from trainer.evaluate.results import merge_entry, read_results
+from trainer.evaluate.run import run_dir
+from trainer.evaluate.scoring import ClipRows, clip_probabilities, video_scores
+from trainer.evaluate.splits import (
     MultiHot,
     Split,
-    SplitResult,
-    batch_loss,
-    build_encoder,
     check_multi_label_splits,
-    clip_probabilities,
     empty_label_lists,
-    encoder_state,
-    make_classifier,
-    make_optimizer,
     multi_label_catalog,
     open_sets,
     read_dataset,
     resolve_splits,
-    run_dir,
-    run_finetune,
-    set_mode,
-    summarise_sweep,
-    train_epoch,
     video_names,
-    video_scores,
 )
+from trainer.evaluate.svm import ClipFeatures, fit_svm
+from trainer.evaluate.train import batch_loss, make_optimizer, train_epoch
+from trainer.extract import read_catalog
 from trainer.log import read_metrics
 from trainer.metrics import mean_average_precision
 from trainer.models import MultiHead, r2plus1d_18, resnet18_audio
-from trainer.results import merge_entry, read_results
 from trainer.step import Learner
-from trainer.svm import ClipFeatures, fit_svm
 from xdctools import eval_recipe as er
 from xdctools.commands.finetune import finetune
 from xdctools.commands.shard import shard
@@ -382,7 +372,7 @@ def test_checkpoints_of_every_kind_load_and_bad_ones_name_the_keys(tmp_path: Pat
     learner = Learner(
         {"video": video, "audio": audio}, {m: MultiHead(32, {"other": 3}) for m in ("video", "audio")}
     )
-    ours = tmp_path / "encoders.pt"  # the format trainer.loop writes
+    ours = tmp_path / "encoders.pt"  # the format trainer.outcome writes
     save_checkpoint(ours, {"config": {"width": WIDTH, "bn_eps": 1e-5}, "model": learner.state_dict()})
     xdc = tmp_path / "xdc.pth"  # a bare XDC-layout state dict with an fc, as the official release
     torch.save({"state_dict": r2plus1d_18(width=WIDTH, layout="xdc", num_classes=5).state_dict()}, xdc)
@@ -538,8 +528,6 @@ def test_results_table_merges_rows_and_marks_partial_splits(tmp_path: Path) -> N
         "name: u\ndataset: ucf101\nmode: fc\ndata: {shards: s, splits: [1]}\noptim: {lr: 0.1}"
     )
     source = EncoderSource("scratch")
-    from trainer.finetune import SplitResult
-
     done = [
         SplitResult("split1", lr, acc, 10, int(10 * acc), 8, 0.1, 1.0, "d")
         for lr, acc in ((0.01, 0.4), (0.02, 0.6))
@@ -584,7 +572,7 @@ def _done(acc: float) -> SplitResult:
 def test_audio_only_clips_are_windows_spread_inside_the_file(tmp_path: Path) -> None:
     import soundfile as sf
 
-    from trainer.finetune import clip_spec, is_audio_only
+    from trainer.evaluate.splits import clip_spec, is_audio_only
     from xdctools.shard import format as fmt
 
     rng = np.random.default_rng(0)
@@ -920,7 +908,7 @@ def test_multi_label_refusals_are_one_line(audioset: dict, tmp_path: Path, monke
         real, label_offsets=np.r_[0, offsets[1:] - first], label_values=values[first:]
     )
     assert empty_label_lists(emptied).tolist() == [int(real.videos[0])] and not len(empty_label_lists(real))
-    monkeypatch.setattr("trainer.finetune.read_catalog", lambda shards: emptied)
+    monkeypatch.setattr("trainer.evaluate.splits.read_catalog", lambda shards: emptied)
     name = video_names(open_sets(audioset["root"], ["balanced_train"], video=True))[int(real.videos[0])]
     result = runner.invoke(finetune, [str(path)])
     assert result.exit_code == DataError.exit_code and result.output.count("\n") == 1, result.output

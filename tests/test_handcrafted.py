@@ -14,14 +14,15 @@ import pytest
 import yaml
 
 from trainer import loop
-from trainer.data import find_shards, parse_index
+from trainer.data import find_shards
 from trainer.extract import read_catalog
 from trainer.handcrafted import mel_statistics
-from xdctools.cluster import cluster_store
+from xdctools.cluster import KMeansParams, cluster_store
 from xdctools.errors import DataError
 from xdctools.features.store import open_store
 from xdctools.recipe import parse_recipe
 from xdctools.shard import format as fmt
+from xdctools.shard.read import parse_index
 
 
 def test_mel_statistics_are_each_videos_soundtrack_read_once(tiny_shards: Path) -> None:
@@ -94,7 +95,9 @@ def test_handcrafted_init_clusters_the_audio_side_on_the_mel_statistics(
     stats = mel_statistics(find_shards(tiny_shards, "train"), catalog)
     np.testing.assert_allclose(handcrafted.read("audio", 0, 9), stats, rtol=1e-3, atol=0.05)  # float16
     for view in ("video", "audio"):  # the labels trained on are k-means of that store, as any iteration's
-        again = cluster_store(handcrafted.path, k=3, view=view, niter=10, seed=recipe.seed, gpu=False)
+        again = cluster_store(
+            handcrafted.path, KMeansParams(k=3, niter=10, seed=recipe.seed, gpu=False), view=view
+        )
         assert np.array_equal(np.load(out / "clusters" / f"it000-{view}" / "labels.npy"), again.labels)
 
 
@@ -112,5 +115,5 @@ def test_handcrafted_only_gives_every_view_the_mel_statistics_clusters(
     }
     store = open_store(out / "features" / "it000-handcrafted.zarr")
     for view, k in (("video", 2), ("audio", 3)):  # each view's k over the same audio statistics
-        again = cluster_store(store.path, k=k, view="audio", niter=10, seed=0, gpu=False)
+        again = cluster_store(store.path, KMeansParams(k=k, niter=10, seed=0, gpu=False), view="audio")
         assert np.array_equal(np.load(out / "clusters" / f"it000-{view}" / "labels.npy"), again.labels)

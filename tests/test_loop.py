@@ -16,11 +16,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from trainer import loop
+from trainer import loop, outcome, session
 from trainer.checkpoint import list_checkpoints, load_checkpoint, unpack_array
 from trainer.data import find_shards
+from trainer.evaluate.probe import cross_validated_probe, linear_probe, multilabel_probe
 from trainer.extract import read_catalog
-from trainer.probe import cross_validated_probe, linear_probe
+from trainer.labels import route_labels
 from trainer.step import LabelTables, balanced_weights, head_losses, summarise
 from xdctools.commands.compare import compare
 from xdctools.commands.train import train
@@ -107,9 +108,7 @@ def test_each_method_routes_its_labels() -> None:
         if method == "superv":
             doc.pop("clustering")
         recipe = parse_recipe(yaml.safe_dump(doc))
-        routed[method] = {
-            key: int(labels[0]) for key, labels in loop.route_labels(recipe.heads, views).items()
-        }
+        routed[method] = {key: int(labels[0]) for key, labels in route_labels(recipe.heads, views).items()}
     video, audio, cdc, true = 0, 1, 2, 3
     assert routed["xdc"] == {("video", "other"): audio, ("audio", "other"): video}
     assert routed["sdc"] == {("video", "own"): video, ("audio", "own"): audio}
@@ -122,15 +121,15 @@ def test_each_method_routes_its_labels() -> None:
     assert routed["cdc"] == {("video", "own"): cdc, ("audio", "own"): cdc}
     assert routed["superv"] == {("video", "true"): true, ("audio", "true"): true}
     with pytest.raises(ConfigError, match="no labels for view"):
-        loop.route_labels({"video": {"other": "audio"}}, {"video": views["video"]})
+        route_labels({"video": {"other": "audio"}}, {"video": views["video"]})
 
 
 def test_held_out_videos_are_a_seeded_fraction() -> None:
-    a = loop.held_out_videos(100, 0.05, seed=1)
-    assert a.sum() == 5 and np.array_equal(a, loop.held_out_videos(100, 0.05, seed=1))
-    assert not np.array_equal(a, loop.held_out_videos(100, 0.05, seed=2))
-    assert loop.held_out_videos(9, 0.01, seed=0).sum() == 1  # at least one when asked for
-    assert loop.held_out_videos(9, 0.0, seed=0).sum() == 0
+    a = session.held_out_videos(100, 0.05, seed=1)
+    assert a.sum() == 5 and np.array_equal(a, session.held_out_videos(100, 0.05, seed=1))
+    assert not np.array_equal(a, session.held_out_videos(100, 0.05, seed=2))
+    assert session.held_out_videos(9, 0.01, seed=0).sum() == 1  # at least one when asked for
+    assert session.held_out_videos(9, 0.0, seed=0).sum() == 0
 
 
 def test_uniform_sampling_weights_every_cluster_equally() -> None:
@@ -374,13 +373,13 @@ def test_retrain_learns_the_finished_runs_last_assignment_with_the_video_encoder
     assert "clips 8x64x64" in report
 
     # init: scratch is a seeded random encoder; init: final starts from the run's final video encoder
-    s = loop.open_session(recipe, resume=False, progress=None)
+    s = session.open_session(recipe, resume=False, progress=None)
     torch.manual_seed(0)
-    fresh = loop.build_learner(recipe, {"audio": 3}).encoders["video"].state_dict()
+    fresh = session.build_learner(recipe, {"audio": 3}).encoders["video"].state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in s.learner.encoders["video"].state_dict().items())
     s.logger.close()
     final = parse_recipe(yaml.safe_dump({**doc, "retrain": {"run": str(tmp_path / "src"), "init": "final"}}))
-    s = loop.open_session(final, resume=False, progress=None)
+    s = session.open_session(final, resume=False, progress=None)
     src = load_checkpoint(tmp_path / "src" / "encoders.pt")["model"]
     assert all(
         torch.equal(v, src[f"encoders.video.{k}"])
@@ -472,12 +471,10 @@ def test_superv_on_a_multi_label_set_learns_multi_hot_targets_and_probes_by_map(
 
     # the probe's mAP, recomputed here from the stored features and the true class lists
     store = open_store(tmp_path / "sup" / "features" / "final.zarr")
-    held = loop.held_out_videos(catalog.num_videos, recipe.data.val_fraction, recipe.seed)
+    held = session.held_out_videos(catalog.num_videos, recipe.data.val_fraction, recipe.seed)
     train, test = np.flatnonzero(~held), np.flatnonzero(held)
     x = store.read("video", 0, catalog.num_videos).astype(np.float32)
-    score = loop.multilabel_probe(
-        x[train], catalog.multi_hot(train, 527), x[test], catalog.multi_hot(test, 527)
-    )
+    score = multilabel_probe(x[train], catalog.multi_hot(train, 527), x[test], catalog.multi_hot(test, 527))
     final = next(r for r in probes if r["iteration"] == 1 and r["modality"] == "video")
     assert final["map"] == pytest.approx(score)
 
@@ -527,6 +524,41 @@ def test_a_cross_validated_probe_scores_every_video_with_its_standard_error(
             parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "x", run=bad)))
 
 
+def test_a_probe_on_the_mean_of_several_clips_per_video(shards: Path, tmp_path: Path) -> None:
+    """run.probe_clips: N evenly spaced clips per video, their features averaged, fit and score the probe;
+    checked against the same clips' features computed by the SVM protocol's extraction (another path)."""
+    from trainer.data import Runtime, eval_loader
+    from trainer.evaluate.svm import extract_clip_features
+    from trainer.extract import load_encoders
+
+    changes = {
+        "clustering": {"k": 3, "iterations": 1, "niter": 5},
+        "optim": {"epoch_size": 4},
+        "run": {"probe": True, "probe_folds": 3, "probe_clips": 3},
+    }
+    recipe = parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "run", **changes)))
+    loop.run(recipe)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if r["event"] == "probe"]
+    assert len(probes) == 4 and all((r["clips"], r["split"], r["test"]) == (3, "3-fold", 9) for r in probes)
+    shard_set = find_shards(shards, "train")
+    catalog = read_catalog(shard_set)
+    encoders = load_encoders(tmp_path / "run" / "encoders.pt").encoders
+    clip, run = session.clip_spec(recipe, shard_set), Runtime(num_threads=1)
+    stored = open_store(tmp_path / "run" / "features" / "final.zarr")
+    for modality, encoder in encoders.items():
+        loader = eval_loader(shard_set, batch_size=2, num_clips=3, clip=clip, run=run)
+        files, means, _ = extract_clip_features(encoder, loader, modality=modality, device="cpu").per_file()
+        assert np.array_equal(catalog.rows_of(files), np.arange(catalog.num_videos))
+        correct = cross_validated_probe(means, catalog.labels, 3, seed=recipe.seed)
+        final = next(r for r in probes if r["iteration"] == 1 and r["modality"] == modality)
+        assert final["accuracy"] == correct.mean()
+        one_clip = stored.read(modality, 0, catalog.num_videos)
+        assert not np.allclose(means, one_clip, atol=1e-3)  # not the clustered (centre-clip) features
+    with pytest.raises(ConfigError, match=r"run\.probe_clips: is only used by the probe"):
+        parse_recipe(yaml.safe_dump(tiny_recipe(shards, tmp_path / "x", run={"probe_clips": 10})))
+
+
 def test_a_probe_that_cannot_run_says_so(shards: Path, tmp_path: Path) -> None:
     changes = {
         "clustering": {"k": 2, "iterations": 1, "niter": 5},
@@ -545,10 +577,10 @@ def test_a_probe_that_cannot_run_says_so(shards: Path, tmp_path: Path) -> None:
 
 def test_a_damaged_result_file_is_an_error_not_an_unfinished_run(tmp_path: Path) -> None:
     recipe = parse_recipe(yaml.safe_dump(tiny_recipe(Path("s"), tmp_path)))
-    assert loop.finished_result(tmp_path, recipe) is None  # no result.json: not finished
+    assert outcome.finished_result(tmp_path, recipe) is None  # no result.json: not finished
     (tmp_path / "result.json").write_text('{"digest": ')
     with pytest.raises(DataError, match=r"result\.json: unreadable .*delete it to let the run finish again"):
-        loop.finished_result(tmp_path, recipe)
+        outcome.finished_result(tmp_path, recipe)
 
 
 def test_bad_recipes_fail_naming_the_field(shards: Path, tmp_path: Path) -> None:

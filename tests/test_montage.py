@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from xdctools.cluster.kmeans import cluster_array, load_result, save_result
+from xdctools.cluster.kmeans import KMeansParams, cluster_array, load_result, save_result
 from xdctools.commands.montage import montage
 from xdctools.errors import DataError, InputError
 from xdctools.inspect import decode_mel, decode_video, load_dataset, read_sample
@@ -55,7 +55,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
         loc = shards.first[v]
         sample = read_sample(base / "shards", loc.key)
         feats.append(decode_mel(sample.members[fmt.MEL_EXT]).mean(axis=1))
-    result = cluster_array(np.stack(feats), k=K, seed=0, gpu=False)
+    result = cluster_array(np.stack(feats), KMeansParams(k=K, seed=0, gpu=False))
     result.index = videos
     result.stats["view"] = "audio"
     save_result(result, base / "clusters")

@@ -451,9 +451,10 @@ def test_k_per_view_sizes_each_head_by_the_view_it_learns(tmp_path: Path) -> Non
     recipe = load_recipe(write(tmp_path, doc))
     c = recipe.clustering
     assert (c.k_for("video"), c.k_for("audio"), c.k_text) == (64, 128, "video 64, audio 128")
-    from trainer import loop
+    from trainer.labels import fixed_labels
+    from trainer.session import build_learner
 
-    learner = loop.build_learner(recipe, loop.fixed_labels(recipe, None, None)[1])
+    learner = build_learner(recipe, fixed_labels(recipe, None, None)[1])
     sizes = {
         enc: learner.heads[enc](torch.zeros(1, learner.encoders[enc].feature_dim))
         for enc in ("video", "audio")

@@ -219,8 +219,9 @@ def eval_overrides(recipe: EvalRecipe, sets: dict[str, Path], out: Path) -> list
 def test_evaluation_recipe_finetunes_one_step_on_cpu(
     path: Path, split_shards: Path, esc_shards: Path, tmp_path: Path
 ) -> None:
-    from trainer.finetune import run_dir, run_finetune
-    from trainer.svm import run_svm
+    from trainer.evaluate.finetune import run_finetune
+    from trainer.evaluate.run import run_dir
+    from trainer.evaluate.svm import run_svm
 
     original = load_eval_recipe(path)
     overrides = eval_overrides(original, {"split": split_shards, "folds": esc_shards}, tmp_path / "eval")

@@ -208,24 +208,9 @@ MAX_BYTES = 150_000
 
 
 @pytest.fixture(scope="module")
-def tree(media_dir: Path, tmp_path_factory) -> Path:
-    """A small class tree of real clips (links), two of them unusable: 4 units of 2 videos."""
-    root = tmp_path_factory.mktemp("tree")
-    picks = [
-        "UCF-101/SoccerJuggling/v_SoccerJuggling_g23_c01.avi",
-        "UCF-101/SoccerJuggling/v_SoccerJuggling_g24_c01.avi",
-        "edge/empty.mp4",
-        "edge/truncated_R6llTwEh07w.mp4",
-        "hmdb51/cartwheel/Turnk_r_Pippi_Michel_cartwheel_f_cm_np2_le_med_6.avi",
-        "hmdb51/wave/RATRACE_wave_f_nm_np1_fr_goo_37.avi",
-        "hmdb51/wave/SchoolRulesHowTheyHelpUs_wave_f_nm_np1_ba_med_0.avi",
-        "hmdb51/wave/TrumanShow_wave_f_nm_np1_fr_med_26.avi",
-    ]
-    for rel in picks:
-        folder = "broken" if rel.startswith("edge/") else rel.split("/")[1]
-        (root / folder).mkdir(exist_ok=True)
-        (root / folder / Path(rel).name).symlink_to(media_dir / rel)
-    return root
+def tree(class_tree: Path) -> Path:
+    """The class tree of real clips shared with other shard tests (conftest: 4 units of 2 videos)."""
+    return class_tree
 
 
 def shard_tree(tree: Path, out: Path, **kwargs) -> Summary:

@@ -1,6 +1,6 @@
 """The speed options on CPU: channels-last, bf16 and fp16 autocast (fp16 with its GradScaler) and
 torch.compile (inductor) each run a real XDC training step (`trainer.step.train_step` on the learner
-`trainer.loop` builds and wraps, both encoders at width 0.125, on real batches of the tiny shards) and a
+`trainer.session` builds and wraps, both encoders at width 0.125, on real batches of the tiny shards) and a
 real extraction pass (`trainer.extract.extract_features`), compared with eager fp32 from the same weights.
 
 Tolerances, from the numerics and from the spread measured over 5 seeds x 3 batches (2-core AMD EPYC,
@@ -43,7 +43,7 @@ import pytest
 import torch
 import yaml
 
-from trainer import distributed, loop
+from trainer import distributed, session
 from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, train_loader
 from trainer.extract import extract_features, read_catalog
 from trainer.models import prepare_for_speed, r2plus1d_18
@@ -101,7 +101,7 @@ def data(tiny_shards: Path) -> Data:
     """Real training batches of the tiny set; each head learns the videos' classes, one video held out."""
     shards = find_shards(tiny_shards, "train")
     catalog = read_catalog(shards)
-    held = loop.held_out_videos(catalog.num_videos, 0.2, 0)
+    held = session.held_out_videos(catalog.num_videos, 0.2, 0)
     labels = {("video", "other"): catalog.labels, ("audio", "other"): (catalog.labels + 1) % K}
     tables = LabelTables(catalog.videos, labels, held)
     batches = [
@@ -121,8 +121,8 @@ class Learned:
 def build(data: Data, seed: int = 0, **model) -> Learned:
     """The learner `xdctools train` builds for these options, wrapped as the loop wraps it."""
     recipe = speed_recipe(data.root, seed, **model)
-    learner = loop.build_learner(recipe, {"video": K, "audio": K})
-    return Learned(recipe, learner, loop.wrap_for_training(learner, recipe, distributed.Dist()))
+    learner = session.build_learner(recipe, {"video": K, "audio": K})
+    return Learned(recipe, learner, session.wrap_for_training(learner, recipe, distributed.Dist()))
 
 
 @dataclass
@@ -200,7 +200,7 @@ def row_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, f
 
 
 def set_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
-    """What restoring a checkpoint does to the scaler (`trainer.loop.restore`), with another scale."""
+    """What restoring a checkpoint does to the scaler (`trainer.state.restore`), with another scale."""
     scaler.load_state_dict({**scaler.state_dict(), "scale": scale})
 
 

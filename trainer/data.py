@@ -30,7 +30,6 @@ Batches are dicts of torch tensors:
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import re
@@ -46,6 +45,7 @@ import torch
 from trainer import sampling
 from xdctools.errors import ConfigError, DataError
 from xdctools.shard import format as fmt
+from xdctools.shard.read import DATASET_FILE, read_dataset_json, read_index, read_member, tar_index
 
 Mode = Literal["train", "eval", "extract"]
 Device = Literal["cpu", "gpu"]
@@ -91,32 +91,6 @@ class ShardSet:
         return self.keys[start:stop]
 
 
-def parse_index(text: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """DALI `wds2idx` v1.2 text -> [(key, {ext: (offset, size)})]; ValueError says what is wrong."""
-    lines = text.splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
-        raise ValueError("first line is not 'v1.x <samples>'")
-    rows = [line for line in lines[1:] if line.strip()]
-    if len(rows) != int(head[1]):
-        raise ValueError(f"header says {head[1]} samples, {len(rows)} lines follow")
-    out = []
-    for n, row in enumerate(rows, start=2):
-        parts = row.split()
-        if not parts or len(parts) % 4:
-            raise ValueError(f"line {n} is not 'ext offset size name' groups")
-        members: dict[str, tuple[int, int]] = {}
-        key = None
-        for i in range(0, len(parts), 4):
-            ext, offset, size, name = parts[i : i + 4]
-            if not (offset.isdigit() and size.isdigit()):
-                raise ValueError(f"line {n}: offset/size of {name} are not integers")
-            key = name[: -len(ext) - 1] if name.endswith("." + ext) else name.split(".", 1)[0]
-            members[ext] = (int(offset), int(size))
-        out.append((key, members))
-    return out
-
-
 def check_shards(
     tars: Sequence[str | os.PathLike], *, video: bool = True, short_side: int | None = None
 ) -> ShardSet:
@@ -138,12 +112,7 @@ def check_shards(
             raise DataError(f"{tar}: shard missing")
         if not idx.is_file():
             raise DataError(f"{idx}: index of shard {tar.name} missing (DALI needs it)")
-        try:
-            samples = parse_index(idx.read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{idx}: unreadable index ({e})") from e
-        except ValueError as e:
-            raise DataError(f"{idx}: not a DALI index: {e}") from e
+        samples = read_index(idx)
         if not samples:
             raise DataError(f"{tar}: shard holds no samples")
         end = 0
@@ -188,22 +157,20 @@ def find_shards(root: str | os.PathLike, set_name: str, *, video: bool = True) -
     shard is an error, not a smaller dataset; without it, `<root>/<set>/<set>-*.tar` sorted by name.
     """
     root = Path(root)
-    meta = root / "dataset.json"
-    if not meta.is_file():
+    doc = read_dataset_json(root)
+    if doc is None:
         tars = sorted((root / set_name).glob(f"{set_name}-*.tar"))
         if not tars:
             raise DataError(f"{root / set_name}: no shards of set {set_name!r} found")
         return check_shards(tars, video=video)
+    meta = root / DATASET_FILE
     try:
-        doc = json.loads(meta.read_text())
         sets = doc["sets"]
         short_side = doc["parameters"]["shard"]["short_side"]
         name_ordered = doc["parameters"].get("shuffle_seed") is None  # absent: written before shuffling
-        classes = doc.get("classes")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{meta}: unreadable ({type(e).__name__}: {e})") from e
-    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise DataError(f"{meta}: 'classes' is not a list of names")
+    classes = doc.get("classes")
     if set_name not in sets:
         raise DataError(f"{meta}: no set {set_name!r} (sets: {', '.join(sorted(sets)) or 'none'})")
     listed = sets[set_name].get("shards", [])
@@ -636,15 +603,14 @@ def broken_npy_member(shards: ShardSet) -> tuple[Path, str, str] | None:
 
     Run only after a read failed: one seek and a few hundred bytes per member, through the .idx offsets.
     """
-    for tar, idx in zip(shards.tars, shards.indexes, strict=True):
+    for tar in shards.tars:
         with open(tar, "rb") as f:
-            for key, members in parse_index(idx.read_text()):
-                for ext, (offset, _size) in members.items():
+            for key, members in tar_index(tar):
+                for ext, (offset, size) in members.items():
                     if not ext.endswith(".npy"):
                         continue
-                    f.seek(offset)
-                    head = io.BytesIO(f.read(4096))
                     try:
+                        head = io.BytesIO(read_member(f, (offset, min(size, 4096))))
                         if np.lib.format.read_magic(head) != (1, 0):
                             raise ValueError("not npy version 1.0, the one DALI reads")
                         np.lib.format.read_array_header_1_0(head)

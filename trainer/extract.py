@@ -27,18 +27,19 @@ from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from trainer import distributed, sampling
-from trainer.data import ClipSpec, Runtime, ShardSet, extract_loader, parse_index
+from trainer.data import ClipSpec, Runtime, ShardSet, extract_loader
 from trainer.models import autocast
 from xdctools.errors import ConfigError, DataError, InputError
 from xdctools.features.store import FeatureStore, create_store, open_store
 from xdctools.shard import format as fmt
+from xdctools.shard.read import locations, read_samples
 
 Progress = Callable[..., None]  # progress(stage, done, total, **info)
 
@@ -137,23 +138,14 @@ def read_catalog(shards: ShardSet) -> Catalog:
     videos, labels = [], []
     offsets, values = array("q", [0]), array("q")  # per-sample label lists, 8 bytes a label
     multi = False
-    for tar, idx in zip(shards.tars, shards.indexes, strict=True):
-        where = "its index"
-        try:
-            entries = parse_index(idx.read_text())
-            with open(tar, "rb") as f:
-                for key, members in entries:
-                    where = f"member {key}.{fmt.INFO_EXT}"
-                    info = fmt.decode_int64_vector(read_member(f, members[fmt.INFO_EXT]))
-                    videos.append(int(info[fmt.INFO["video"]]))
-                    labels.append(int(info[fmt.INFO["label"]]))
-                    if fmt.LABELS_EXT in members:
-                        where = f"member {key}.{fmt.LABELS_EXT}"
-                        values.frombytes(fmt.decode_labels(read_member(f, members[fmt.LABELS_EXT])).tobytes())
-                        multi = True
-                    offsets.append(len(values))
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            raise DataError(f"{tar}: {where} cannot be read ({type(e).__name__}: {e})") from None
+    for sample in read_samples(locations(shards.tars), (fmt.INFO_EXT, fmt.LABELS_EXT)):
+        video, label = sample.decode(fmt.INFO_EXT, _video_and_label)
+        videos.append(video)
+        labels.append(label)
+        if fmt.LABELS_EXT in sample.members:
+            values.frombytes(sample.decode(fmt.LABELS_EXT, fmt.decode_labels).tobytes())
+            multi = True
+        offsets.append(len(values))
     lists = (np.frombuffer(offsets, dtype=np.int64), np.frombuffer(values, dtype=np.int64)) if multi else None
     return catalog_from(
         np.array(videos, dtype=np.int64),
@@ -163,11 +155,10 @@ def read_catalog(shards: ShardSet) -> Catalog:
     )
 
 
-def read_member(f: BinaryIO, where: tuple[int, int]) -> bytes:
-    """The bytes of one member, at (offset, size) of the .idx index, from the open tar `f`."""
-    offset, size = where
-    f.seek(offset)
-    return f.read(size)
+def _video_and_label(data: bytes) -> tuple[int, int]:
+    """The two fields of an info member the catalog needs, without building decode_info's dict."""
+    info = fmt.decode_int64_vector(data)
+    return int(info[fmt.INFO["video"]]), int(info[fmt.INFO["label"]])
 
 
 def catalog_from(
@@ -367,7 +358,7 @@ def extract_features(
                 if pooler.skippable(rows):
                     features = None
                 else:
-                    features = _forward(encoders, batch, device, precision, channels_last)
+                    features = forward_batch(encoders, batch, device, precision, channels_last)
                 pooler.add(rows, features)
                 pos += len(index)
                 if progress:
@@ -433,7 +424,7 @@ def _jsonish(value: Any) -> Any:
     return value
 
 
-def _forward(
+def forward_batch(
     encoders: Mapping[str, nn.Module],
     batch: Mapping[str, torch.Tensor],
     device: torch.device,

@@ -14,16 +14,16 @@ Memory: two float64 accumulators of N_MELS per video (~650 bytes a video: 0.16 G
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from trainer.data import ShardSet, parse_index
-from trainer.extract import Catalog, read_member
+from trainer.data import ShardSet
+from trainer.extract import Catalog
 from xdctools.errors import DataError
 from xdctools.features.store import FeatureStore, create_store
 from xdctools.shard import format as fmt
+from xdctools.shard.read import decode_npy, locations, read_samples
 
 DIM = 2 * fmt.N_MELS  # per-band mean, then per-band standard deviation
 
@@ -33,31 +33,30 @@ def mel_statistics(shards: ShardSet, catalog: Catalog) -> np.ndarray:
     n = catalog.num_videos
     sums, squares = np.zeros((n, fmt.N_MELS)), np.zeros((n, fmt.N_MELS))
     frames = np.zeros(n)
-    pad = fmt.MEL_PAD_FRAMES
-    for tar, idx in zip(shards.tars, shards.indexes, strict=True):
-        where = "its index"
-        try:
-            entries = parse_index(idx.read_text())
-            with open(tar, "rb") as f:
-                for key, members in entries:
-                    where = f"member {key}.{fmt.INFO_EXT}"
-                    info = fmt.decode_int64_vector(read_member(f, members[fmt.INFO_EXT]))
-                    where = f"member {key}.{fmt.MEL_EXT}"
-                    mel = np.load(io.BytesIO(read_member(f, members[fmt.MEL_EXT])), allow_pickle=False)
-                    own = mel[:, pad : mel.shape[1] - pad] if mel.shape[1] > 2 * pad else mel
-                    own = own.astype(np.float64)
-                    row = int(catalog.rows_of(np.array([info[fmt.INFO["video"]]]))[0])
-                    sums[row] += own.sum(1)
-                    squares[row] += np.square(own).sum(1)
-                    frames[row] += own.shape[1]
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            raise DataError(f"{tar}: {where} cannot be read ({type(e).__name__}: {e})") from None
+    for sample in read_samples(locations(shards.tars), (fmt.INFO_EXT, fmt.MEL_EXT)):
+        video = sample.decode(fmt.INFO_EXT, fmt.decode_info)["video"]
+        own = sample.decode(fmt.MEL_EXT, _own_span)
+        row = int(catalog.rows_of(np.array([video]))[0])
+        sums[row] += own.sum(1)
+        squares[row] += np.square(own).sum(1)
+        frames[row] += own.shape[1]
     if (frames == 0).any():
         video = int(catalog.videos[np.flatnonzero(frames == 0)[0]])
         raise DataError(f"{shards.tars[0].parent}: video {video} has no mel frames (an empty soundtrack)")
     mean = sums / frames[:, None]
     std = np.sqrt(np.maximum(squares / frames[:, None] - np.square(mean), 0.0))
     return np.concatenate([mean, std], axis=1).astype(np.float32)
+
+
+def _own_span(data: bytes) -> np.ndarray:
+    """A stored mel member without the MEL_PAD_FRAMES of its neighbours' audio on each side, float64
+    (N_MELS, frames); ValueError when it is not such a mel."""
+    mel = decode_npy(data)
+    if mel.ndim != 2 or mel.shape[0] != fmt.N_MELS:
+        raise ValueError(f"shape {mel.shape}, not ({fmt.N_MELS}, frames)")
+    pad = fmt.MEL_PAD_FRAMES
+    own = mel[:, pad : mel.shape[1] - pad] if mel.shape[1] > 2 * pad else mel
+    return own.astype(np.float64)
 
 
 def write_handcrafted_store(

@@ -20,8 +20,8 @@ from xdctools.errors import ConfigError, DataError
 from xdctools.recipe import Recipe, load_recipe
 
 RUN_RECIPE = "recipe.yaml"  # trainer.log.RECIPE_FILE: the resolved recipe every run folder holds
-RUN_RESULT = "result.json"  # trainer.loop.RESULT_FILE: written when a run finished
-RUN_ENCODERS = "encoders.pt"  # trainer.loop.ENCODERS_FILE: the final encoders
+RUN_RESULT = "result.json"  # trainer.outcome.RESULT_FILE: written when a run finished
+RUN_ENCODERS = "encoders.pt"  # trainer.outcome.ENCODERS_FILE: the final encoders
 
 
 @dataclass(frozen=True)

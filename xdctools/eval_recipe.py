@@ -211,7 +211,7 @@ class Svm(Section):
 
     num_clips: int = Field(default=60, ge=1)  # uniformly sampled clips per file
     # clips: one SVM sample per clip, decision scores averaged per file; mean: clip features averaged
-    # per file first, one sample per file. See trainer.svm.
+    # per file first, one sample per file. See trainer.evaluate.svm.
     pool: Literal["clips", "mean"] = "clips"
     cs: list[float] = Field(default=[0.001, 0.01, 0.1, 1.0, 10.0], min_length=1)  # C, cross-validated
     cv_folds: int = Field(default=5, ge=2)  # folds of the training files for choosing C

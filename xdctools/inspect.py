@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -16,32 +14,7 @@ import numpy as np
 from xdctools.atomic import write_atomic
 from xdctools.errors import DataError, InputError
 from xdctools.shard import format as fmt
-
-DATASET_FILE = "dataset.json"
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One sample read from a tar: its members by extension (`mel.npy`, `webm`, ...)."""
-
-    key: str
-    shard: Path
-    members: dict[str, bytes]
-
-    @property
-    def info(self) -> dict[str, int] | None:
-        data = self.members.get(fmt.INFO_EXT)
-        return fmt.decode_info(data) if data is not None else None
-
-    @property
-    def meta(self) -> dict:
-        data = self.members.get(fmt.META_EXT)
-        return json.loads(data) if data is not None else {}
-
-    @property
-    def video_ext(self) -> str | None:
-        return next((ext for ext in fmt.VIDEO_EXTS.values() if ext in self.members), None)
-
+from xdctools.shard.read import DATASET_FILE, Location, Sample, decode_npy, locations, read_dataset_json
 
 # --- reading ------------------------------------------------------------------------------------
 
@@ -51,13 +24,11 @@ def load_dataset(shards_dir: str | os.PathLike) -> dict:
     root = Path(shards_dir)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    path = root / DATASET_FILE
-    if not path.is_file():
+    dataset = read_dataset_json(root)
+    if dataset is None:
+        path = root / DATASET_FILE
         raise DataError(f"{path}: not found (not a shard folder, or the shard run is not complete)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from exc
+    return dataset
 
 
 def shard_files(shards_dir: str | os.PathLike, dataset: dict) -> list[Path]:
@@ -67,46 +38,9 @@ def shard_files(shards_dir: str | os.PathLike, dataset: dict) -> list[Path]:
     return listed or sorted(root.glob("*/*.tar"))
 
 
-def split_member(name: str) -> tuple[str, str]:
-    """'dir/key.mel.npy' -> ('dir/key', 'mel.npy'): the extension starts at the first dot of the base name."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def parse_idx(text: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """DALI `wds2idx` v1.2 text -> [(key, {ext: (data offset, size)})] in tar order."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise ValueError("not a DALI webdataset index (no 'v1.x N' header)")
-    out = []
-    for line in lines[1:]:
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) % 4:
-            raise ValueError(f"malformed line {line[:80]!r}")
-        members: dict[str, tuple[int, int]] = {}
-        key = ""
-        for i in range(0, len(fields), 4):
-            ext, offset, size, name = fields[i : i + 4]
-            key = split_member(name)[0]
-            members[ext] = (int(offset), int(size))
-        out.append((key, members))
-    return out
-
-
-def _index_of(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]] | None:
-    idx = tar_path.with_suffix(".idx")
-    if not idx.is_file():
-        return None
-    try:
-        return parse_idx(idx.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{idx}: unreadable index ({exc})") from exc
-
-
-def _read_indexed(tar_path: Path, key: str, members: dict[str, tuple[int, int]]) -> Sample:
+def _read_indexed(loc: Location) -> Sample:
     """Seek straight to each member's data; the tar header before it must agree with the index."""
+    tar_path, key, members = loc
     out = {}
     with open(tar_path, "rb") as f:
         for ext, (offset, size) in members.items():
@@ -126,45 +60,16 @@ def _read_indexed(tar_path: Path, key: str, members: dict[str, tuple[int, int]])
     return Sample(key=key, shard=tar_path, members=out)
 
 
-def scan_tar(tar_path: Path) -> Iterator[Sample]:
-    """Samples of a tar in order, without an index: consecutive members sharing a key."""
-    key, members = None, {}
-    try:
-        with tarfile.open(tar_path, mode="r|") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                k, ext = split_member(info.name)
-                if k != key and members:
-                    yield Sample(key=key, shard=tar_path, members=members)
-                    members = {}
-                key = k
-                members[ext] = tf.extractfile(info).read()
-    except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"{tar_path}: unreadable tar ({exc})") from exc
-    if members:
-        yield Sample(key=key, shard=tar_path, members=members)
-
-
 def read_sample(shards_dir: str | os.PathLike, key: str | None = None, dataset: dict | None = None) -> Sample:
     """The sample `key` (default: the first sample of the first shard), found through the `.idx`
-    files when present, else by scanning the tars."""
+    files when present, else through the tars' own headers."""
     root = Path(shards_dir)
     tars = shard_files(root, dataset if dataset is not None else load_dataset(root))
     if not tars:
         raise DataError(f"{root}: no shard tar files")
-    for tar_path in tars:
-        if not tar_path.is_file():
-            raise DataError(f"{tar_path}: listed in {DATASET_FILE} but missing")
-        index = _index_of(tar_path)
-        if index is not None:
-            for k, members in index:
-                if key is None or k == key:
-                    return _read_indexed(tar_path, k, members)
-        else:
-            for sample in scan_tar(tar_path):
-                if key is None or sample.key == key:
-                    return sample
+    for loc in locations(tars):
+        if key is None or loc.key == key:
+            return _read_indexed(loc)
     raise DataError(f"key {key!r} not found in {root} ({len(tars)} shard files searched)")
 
 
@@ -185,7 +90,7 @@ def decode_video(data: bytes, where: str = "video") -> np.ndarray:
 def decode_mel(data: bytes, where: str = "mel") -> np.ndarray:
     """The stored log-mel as float32 (N_MELS, mel_frames)."""
     try:
-        mel = np.load(io.BytesIO(data), allow_pickle=False)
+        mel = decode_npy(data)
     except ValueError as exc:
         raise DataError(f"{where}: cannot read the mel member ({exc})") from exc
     return mel.astype(np.float32)

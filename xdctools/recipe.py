@@ -283,6 +283,10 @@ class Run(Section):
     # ones included) instead of the held-out videos alone: for small sets, where a few held-out videos
     # make the probe noise. Single-label sets; not with eval_set. null: the held-out videos.
     probe_folds: int | None = Field(default=None, ge=2)
+    # The probe's features: 1 = the clustered features (each segment's centre clip, pooled per video);
+    # N > 1 = the mean of N evenly spaced clips per video (the paper's 10-clip test protocol), extracted
+    # for the probe on rank 0 at every probe: N times the decoding and forward passes of the probed sets.
+    probe_clips: int = Field(default=1, ge=1)
 
 
 class Recipe(Section):
@@ -348,6 +352,10 @@ class Recipe(Section):
         if self.run.probe_folds is not None and self.run.eval_set is not None:
             raise FieldProblem(
                 "run.probe_folds", "scores the training set; give it or run.eval_set, not both"
+            )
+        if self.run.probe_clips != 1 and not self.run.probe:
+            raise FieldProblem(
+                "run.probe_clips", "is only used by the probe; set run.probe: true or remove it"
             )
         return self
 

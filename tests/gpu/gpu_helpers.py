@@ -404,8 +404,9 @@ def shard_set(manifest: Mapping[str, Any], name: str) -> Path:
 
 def segments(shard_root: str | os.PathLike, set_name: str = "train", limit: int | None = None) -> list[dict]:
     """Each sample's key, encoded video bytes, video extension and decoded info, in stored order."""
-    from trainer.data import VIDEO_EXTS, find_shards, parse_index
+    from trainer.data import VIDEO_EXTS, find_shards
     from xdctools.shard import format as fmt
+    from xdctools.shard.read import parse_index
 
     shards = find_shards(shard_root, set_name)
     out = []

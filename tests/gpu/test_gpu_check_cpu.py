@@ -741,12 +741,12 @@ def test_kmeans_of_the_gpu_test_data_survives_rounding() -> None:
     (relative), far more than GPU vs CPU float32 arithmetic differs (measured: NMI 0.997 at 1e-6 and 1e-4,
     0.990 at 1e-3). So an NMI below 0.99 between GPU and CPU k-means is a fault, not rounding. (NMI with
     the true blobs is ~0.96: random initialisation merges a few blobs and splits others.)"""
-    from xdctools.cluster import cluster_array
+    from xdctools.cluster import KMeansParams, cluster_array
 
     x, truth = H.separated_mixture(32_768, 128, 64, seed=0)
     noisy = (x * (1 + 1e-5 * np.random.default_rng(5).standard_normal(x.shape))).astype(np.float32)
-    a = cluster_array(x, k=64, niter=20, seed=0, gpu=False)
-    b = cluster_array(noisy, k=64, niter=20, seed=0, gpu=False)
+    a = cluster_array(x, KMeansParams(k=64, niter=20, seed=0, gpu=False))
+    b = cluster_array(noisy, KMeansParams(k=64, niter=20, seed=0, gpu=False))
     assert H.labels_nmi(a.labels, b.labels) >= 0.995
     assert H.labels_nmi(truth, a.labels) >= 0.9
 

@@ -2,7 +2,7 @@
 DDP-wrapped XDC step that equals the plain step on the same clips.
 
 `trainer.distributed.init` starts the process group whenever torchrun launched the process, even alone,
-and `loop.wrap_for_training` then wraps the learner in DDP: one GPU runs the nccl path N GPUs run. The
+and `session.wrap_for_training` then wraps the learner in DDP: one GPU runs the nccl path N GPUs run. The
 loop under torchrun is run by test_gpu_recipe.py.
 
 The batch: one from the GPU loader on the check's shards where DALI imports, else (the lent GPU's image,
@@ -27,7 +27,7 @@ import copy, json, os, sys
 import torch, torch.distributed as dist, yaml
 from torch import nn
 import gpu_helpers as H
-from trainer import distributed, loop
+from trainer import distributed, session
 from trainer.data import ClipSpec, Runtime, find_shards, train_loader
 from trainer.optim import build_optimizer
 from trainer.step import make_scaler, train_step
@@ -51,9 +51,9 @@ recipe = parse_recipe(yaml.safe_dump({
     "optim": {"epoch_size": 8, "batch_size": 8, "lr": 0.05, "step_epochs": 1, "total_epochs": 1},
     "run": {"out": out},
 }))
-learner = loop.build_learner(recipe, {"video": 8, "audio": 8}).to(device)
+learner = session.build_learner(recipe, {"video": 8, "audio": 8}).to(device)
 plain = copy.deepcopy(learner)
-ddp = loop.wrap_for_training(learner, recipe, d)  # the loop's own wrapping: DDP under torchrun
+ddp = session.wrap_for_training(learner, recipe, d)  # the loop's own wrapping: DDP under torchrun
 checks["wrapped"] = isinstance(ddp, nn.parallel.DistributedDataParallel)
 if shards_root == "synthetic":
     batch = H.synthetic_batch(8, crop=112)

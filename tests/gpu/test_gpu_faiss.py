@@ -35,11 +35,11 @@ def test_faiss_sees_the_gpu() -> None:
 
 
 def test_gpu_kmeans_labels_match_cpu() -> None:
-    from xdctools.cluster import cluster_array
+    from xdctools.cluster import KMeansParams, cluster_array
 
     x, truth = H.separated_mixture(32_768, 128, 64, seed=0)
-    cpu = cluster_array(x, k=64, niter=20, seed=0, gpu=False)
-    gpu = cluster_array(x, k=64, niter=20, seed=0, gpu=1)
+    cpu = cluster_array(x, KMeansParams(k=64, niter=20, seed=0, gpu=False))
+    gpu = cluster_array(x, KMeansParams(k=64, niter=20, seed=0, gpu=1))
     assert gpu.stats["params"]["gpus"] == 1 and cpu.stats["params"]["gpus"] == 0
     nmi = H.labels_nmi(cpu.labels, gpu.labels)
     gap = abs(gpu.stats["objective"] - cpu.stats["objective"]) / cpu.stats["objective"]
@@ -60,8 +60,8 @@ def test_gpu_kmeans_labels_match_cpu() -> None:
         (65_536, 64)
     )
     y = y.astype(np.float32)
-    a = cluster_array(y, k=256, niter=20, seed=0, gpu=False)
-    b = cluster_array(y, k=256, niter=20, seed=0, gpu=1)
+    a = cluster_array(y, KMeansParams(k=256, niter=20, seed=0, gpu=False))
+    b = cluster_array(y, KMeansParams(k=256, niter=20, seed=0, gpu=1))
     H.record(
         "k-means gpu vs cpu (65536 x 64, k=256, overlapping)", nmi_gpu_cpu=H.labels_nmi(a.labels, b.labels)
     )
@@ -81,13 +81,13 @@ def _store(path: Path, x: np.ndarray):
 
 
 def test_streamed_assignment_on_gpu(tmp_path: Path) -> None:
-    from xdctools.cluster import cluster_store
+    from xdctools.cluster import KMeansParams, cluster_store
     from xdctools.cluster.assign import ChunkAssign, StoreRows
 
     x, _ = H.separated_mixture(60_000, 128, 64, seed=3)
     store = _store(tmp_path / "feats.zarr", x)
-    cpu = cluster_store(store.path, k=64, niter=20, seed=0, gpu=False)
-    gpu = cluster_store(store.path, k=64, niter=20, seed=0, gpu=1)
+    cpu = cluster_store(store.path, KMeansParams(k=64, niter=20, seed=0, gpu=False))
+    gpu = cluster_store(store.path, KMeansParams(k=64, niter=20, seed=0, gpu=1))
     assert gpu.stats["params"]["gpus"] == 1
     H.assert_labels_agree(cpu.labels, gpu.labels, "cluster_store on GPU vs CPU")
 

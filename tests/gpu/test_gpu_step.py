@@ -95,19 +95,19 @@ def _sync(device: torch.device) -> None:
 
 def _train(clips: dict, steps: int, device: torch.device | None = None, **model) -> dict:
     """`steps` training steps on the batch with the recipe's model options, as `xdctools train` runs them
-    (loop.build_learner, loop.wrap_for_training, trainer.step.train_step); losses, first-step gradients.
+    (session.build_learner, session.wrap_for_training, trainer.step.train_step); losses, first-step gradients.
     `device`: the GPU (a CPU device runs the same code, slowly: how its figures were checked)."""
-    from trainer import distributed, loop
+    from trainer import distributed, session
     from trainer.optim import build_optimizer
     from trainer.step import make_scaler, train_step
 
     device = device or torch.device("cuda", 0)
     recipe = _recipe(clips["root"], **model)
-    learner = loop.build_learner(recipe, {"video": K, "audio": K}).to(
+    learner = session.build_learner(recipe, {"video": K, "audio": K}).to(
         device
     )  # the recipe's seed: same weights
     initial = copy.deepcopy(learner.state_dict())
-    model_ = loop.wrap_for_training(learner, recipe, distributed.Dist(device=device))
+    model_ = session.wrap_for_training(learner, recipe, distributed.Dist(device=device))
     optimizer = build_optimizer(learner.parameters(), recipe.optim)
     scaler = make_scaler(device, recipe.model.precision)
     targets = {

@@ -112,20 +112,59 @@ def imbalance(sizes: np.ndarray) -> float:
     return float(len(sizes) * np.square(sizes, dtype=np.float64).sum() / total**2) if total else 0.0
 
 
+@dataclass(frozen=True)
+class KMeansParams:
+    """What one k-means run is asked for: a recipe's `clustering` block or `xdctools cluster`'s options.
+
+    gpu: "auto" (every GPU faiss sees; none with faiss-cpu), True (all, at least one), an int (that
+    many), False/0 (CPU). drop_nonfinite: rows with NaN/inf are labelled -1 instead of failing the run.
+    """
+
+    k: int
+    niter: int = 20
+    seed: int = 0
+    sample_per_centroid: int = 256
+    refine: int = 0
+    spherical: bool = False
+    pca: int | None = None
+    gpu: bool | int | str = "auto"
+    drop_nonfinite: bool = False
+    reseed_empty: bool = True
+
+    def check(self, source: RowSource) -> None:
+        """ConfigError naming the option when the parameters cannot cluster `source`."""
+        if self.k < 1:
+            raise ConfigError(f"--k must be at least 1, got {self.k}")
+        if self.k > source.n:
+            raise ConfigError(f"{source.name}: k={self.k} is greater than the {source.n} rows to cluster")
+        if self.niter < 1 or self.sample_per_centroid < 1 or self.refine < 0:
+            raise ConfigError(
+                "--niter and --sample-per-centroid must be >= 1 and --refine >= 0 "
+                f"(got {self.niter}, {self.sample_per_centroid}, {self.refine})"
+            )
+        if self.pca is not None and not 1 <= self.pca <= source.dim:
+            raise ConfigError(f"--pca must be in [1, {source.dim}] (the feature dimension), got {self.pca}")
+
+    def recorded(self, gpus: int) -> dict[str, Any]:
+        """stats.json's `params`: all but k (recorded beside them), with the GPUs actually used."""
+        return {
+            "niter": self.niter,
+            "seed": self.seed,
+            "sample_per_centroid": self.sample_per_centroid,
+            "refine": self.refine,
+            "spherical": self.spherical,
+            "pca": self.pca,
+            "gpus": gpus,
+            "drop_nonfinite": self.drop_nonfinite,
+            "reseed_empty": self.reseed_empty,
+        }
+
+
 def cluster_store(
     store_path: str | os.PathLike,
+    params: KMeansParams,
     *,
-    k: int,
     view: str = "video",
-    niter: int = 20,
-    seed: int = 0,
-    sample_per_centroid: int = 256,
-    refine: int = 0,
-    spherical: bool = False,
-    pca: int | None = None,
-    gpu: bool | int | str = "auto",
-    drop_nonfinite: bool = False,
-    reseed_empty: bool = True,
     progress: Progress | None = None,
     workdir: str | os.PathLike | None = None,
 ) -> ClusterResult:
@@ -144,21 +183,7 @@ def cluster_store(
     scratch = None if workdir is not None else Path(tempfile.mkdtemp(prefix="xdctools-cluster-"))
     folder = Path(workdir) if workdir is not None else scratch
     try:
-        result = _cluster(
-            source,
-            k=k,
-            niter=niter,
-            seed=seed,
-            sample_per_centroid=sample_per_centroid,
-            refine=refine,
-            spherical=spherical,
-            pca=pca,
-            gpu=gpu,
-            drop_nonfinite=drop_nonfinite,
-            reseed_empty=reseed_empty,
-            progress=progress,
-            workdir=folder,
-        )
+        result = _cluster(source, params, progress=progress, workdir=folder)
         path = folder / INDEX_FILE[0]
         result.index = write_index(store, NpyColumn(path, store.n, INDEX_FILE[1]))
         result.files["index"] = (path, result.index)
@@ -175,20 +200,22 @@ def cluster_store(
 def cluster_store_to(
     out: str | os.PathLike,
     store_path: str | os.PathLike,
+    params: KMeansParams,
     *,
+    view: str = "video",
     overwrite: bool = False,
     extra_files: Callable[[ClusterResult], dict[str, bytes]] | None = None,
-    **params: Any,
+    progress: Progress | None = None,
 ) -> ClusterResult:
-    """`cluster_store(store_path, **params)` saved as the folder `out` (`save_result`'s files), its per-row
-    files written straight into the folder's temporary name, which is renamed into place when complete:
-    no scratch copy in $TMPDIR, nothing to link or copy after. `extra_files(result)` (name -> bytes) are
-    written with them. The result's per-row arrays map the files now in `out`."""
+    """`cluster_store(store_path, params, view=view)` saved as the folder `out` (`save_result`'s files), its
+    per-row files written straight into the folder's temporary name, which is renamed into place when
+    complete: no scratch copy in $TMPDIR, nothing to link or copy after. `extra_files(result)` (name ->
+    bytes) are written with them. The result's per-row arrays map the files now in `out`."""
     out = Path(out)
     done: list[ClusterResult] = []
 
     def write(tmp: Path) -> None:
-        result = cluster_store(store_path, workdir=tmp, **params)
+        result = cluster_store(store_path, params, view=view, progress=progress, workdir=tmp)
         write_result_files(result, tmp, extra_files=None if extra_files is None else extra_files(result))
         done.append(result)
 
@@ -225,17 +252,8 @@ def write_index(store: FeatureStore, column: Column) -> np.ndarray:
 
 def cluster_array(
     x: np.ndarray,
+    params: KMeansParams,
     *,
-    k: int,
-    niter: int = 20,
-    seed: int = 0,
-    sample_per_centroid: int = 256,
-    refine: int = 0,
-    spherical: bool = False,
-    pca: int | None = None,
-    gpu: bool | int | str = "auto",
-    drop_nonfinite: bool = False,
-    reseed_empty: bool = True,
     progress: Progress | None = None,
     block_rows: int | None = None,
     workdir: str | os.PathLike | None = None,
@@ -246,176 +264,182 @@ def cluster_array(
     existing folder `workdir` as `cluster_store` does.
     """
     source = ArrayRows(np.asarray(x))
-    result = _cluster(
-        source,
-        k=k,
-        niter=niter,
-        seed=seed,
-        sample_per_centroid=sample_per_centroid,
-        refine=refine,
-        spherical=spherical,
-        pca=pca,
-        gpu=gpu,
-        drop_nonfinite=drop_nonfinite,
-        reseed_empty=reseed_empty,
-        progress=progress,
-        block_rows=block_rows,
-        workdir=None if workdir is None else Path(workdir),
-    )
+    folder = None if workdir is None else Path(workdir)
+    result = _cluster(source, params, progress=progress, block_rows=block_rows, workdir=folder)
     result.stats["view"] = "array"
     return result
 
 
-def _check_params(source: RowSource, k: int, niter: int, spc: int, refine: int, pca: int | None) -> None:
-    if k < 1:
-        raise ConfigError(f"--k must be at least 1, got {k}")
-    if k > source.n:
-        raise ConfigError(f"{source.name}: k={k} is greater than the {source.n} rows to cluster")
-    if niter < 1 or spc < 1 or refine < 0:
-        raise ConfigError(
-            f"--niter and --sample-per-centroid must be >= 1 and --refine >= 0 (got {niter}, {spc}, {refine})"
-        )
-    if pca is not None and not 1 <= pca <= source.dim:
-        raise ConfigError(f"--pca must be in [1, {source.dim}] (the feature dimension), got {pca}")
-
-
 def _cluster(
     source: RowSource,
+    params: KMeansParams,
     *,
-    k: int,
-    niter: int,
-    seed: int,
-    sample_per_centroid: int,
-    refine: int,
-    spherical: bool,
-    pca: int | None,
-    gpu: bool | int | str,
-    drop_nonfinite: bool,
-    reseed_empty: bool,
     progress: Progress | None,
     block_rows: int | None = None,
     workdir: Path | None = None,
 ) -> ClusterResult:
-    _check_params(source, k, niter, sample_per_centroid, refine, pca)
-    gpus = resolve_gpus(gpu)
-    policy = "drop" if drop_nonfinite else "raise"
+    """The steps of one k-means run, each timed: sample, train on it, refine, assign (+ re-seed)."""
+    params.check(source)
+    gpus = resolve_gpus(params.gpu)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    rows, x = _sample(source, params, block_rows, progress)
+    timings["sample_s"] = time.perf_counter() - t0
 
-    # Uniform sample, read chunk by chunk; non-finite rows fail now (counted over the whole source) or drop.
-    rows = sample_rows(source.n, k * sample_per_centroid, seed)
+    t = time.perf_counter()
+    transform = Transform.fit(x, pca=params.pca, spherical=params.spherical)
+    km = _train(transform.apply(x), params, gpus, progress)
+    del x
+    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    timings["train_s"] = time.perf_counter() - t
+
+    assign = ChunkAssign(
+        source,
+        transform,
+        metric="ip" if params.spherical else "l2",
+        gpus=gpus,
+        nonfinite="drop" if params.drop_nonfinite else "raise",
+        block_rows=block_rows,
+        progress=progress,
+    )
+    t = time.perf_counter()
+    centroids, refine_stats = _refine(assign, centroids, params)
+    timings["refine_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    centroids, tally, arrays, columns, reseeded = _assign(assign, centroids, params, workdir, source.n)
+    reseed_s = reseeded.pop("seconds")
+    timings["assign_s"] = time.perf_counter() - t - reseed_s
+    timings["reseed_s"] = reseed_s
+    timings["total_s"] = time.perf_counter() - t0
+
+    train_splits = int(sum(s["nsplit"] for s in km.iteration_stats))
+    stats = {
+        "source": source.name,
+        "n": source.n,
+        "k": params.k,
+        "input_dim": source.dim,
+        "dim": len(centroids[0]),
+        "params": params.recorded(gpus),
+        "sample_size": len(rows),
+        **_tally_stats(tally),
+        "splits": train_splits + sum(s["splits"] for s in refine_stats),
+        "train": {"objective": [float(o) for o in km.obj], "splits": train_splits},
+        "refine": refine_stats,
+        "reseeded": reseeded,
+        "dropped_rows": len(assign.bad_rows),
+        "dropped_first": assign.bad_rows[:20].tolist(),
+        "timings": timings,
+    }
+    files = {name: (c.path, arrays[name]) for name, c in columns.items() if isinstance(c, NpyColumn)}
+    return ClusterResult(
+        arrays["labels"], arrays["distances"], centroids, stats, transform=transform, files=files
+    )
+
+
+def _sample(
+    source: RowSource, params: KMeansParams, block_rows: int | None, progress: Progress | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, their features): the uniform sample k-means trains on, read chunk by chunk. Non-finite
+    rows fail now (counted over the whole source) or are dropped from the sample."""
+    rows = sample_rows(source.n, params.k * params.sample_per_centroid, params.seed)
     raw = ChunkAssign(source, block_rows=block_rows, progress=progress, stage="sample")
     x = raw.get_subset(rows)
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
-        if not drop_nonfinite:
+        if not params.drop_nonfinite:
             raise nonfinite_error(source.name, raw.scan_nonfinite(), source.n)
         x, rows = x[finite], rows[finite]
-        if k > len(rows):
-            raise ConfigError(f"{source.name}: k={k} is greater than the {len(rows)} finite sampled rows")
-    timings["sample_s"] = time.perf_counter() - t0
+        if params.k > len(rows):
+            raise ConfigError(
+                f"{source.name}: k={params.k} is greater than the {len(rows)} finite sampled rows"
+            )
+    return rows, x
 
-    # PCA-whitening (fit on the sample) and/or l2 normalisation, then faiss k-means on the sample.
-    t = time.perf_counter()
-    transform = Transform.fit(x, pca=pca, spherical=spherical)
-    x = transform.apply(x)
-    d = x.shape[1]
+
+def _train(x: np.ndarray, params: KMeansParams, gpus: int, progress: Progress | None) -> faiss.Kmeans:
+    """faiss k-means on the (transformed) sample."""
     km = faiss.Kmeans(
-        d,
-        k,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        max_points_per_centroid=sample_per_centroid,
+        x.shape[1],
+        params.k,
+        niter=params.niter,
+        seed=params.seed,
+        spherical=params.spherical,
+        max_points_per_centroid=params.sample_per_centroid,
         min_points_per_centroid=1,
         gpu=gpus or False,
         verbose=False,
     )
     if progress:
-        progress("train", 0, niter)
+        progress("train", 0, params.niter)
     km.train(x)
     if progress:
-        progress("train", niter, niter)
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    train_splits = int(sum(s["nsplit"] for s in km.iteration_stats))
-    del x
-    timings["train_s"] = time.perf_counter() - t
+        progress("train", params.niter, params.niter)
+    return km
 
-    metric = "ip" if spherical else "l2"
-    assign = ChunkAssign(
-        source,
-        transform,
-        metric=metric,
-        gpus=gpus,
-        nonfinite=policy,
-        block_rows=block_rows,
-        progress=progress,
-    )
 
-    # Optional Lloyd passes over every row, streamed: per-cluster sums, sizes and objective tallied block by
-    # block (nothing kept per row); empty clusters split from large ones as faiss does.
-    t = time.perf_counter()
+def _refine(
+    assign: ChunkAssign, centroids: np.ndarray, params: KMeansParams
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """`params.refine` Lloyd passes over every row, streamed: per-cluster sums, sizes and objective tallied
+    block by block (nothing kept per row); empty clusters split from large ones as faiss does."""
     refine_stats = []
-    rs = np.random.RandomState(seed + 1)
-    for r in range(refine):
-        assign.stage = f"refine {r + 1}/{refine}"
+    rs = np.random.RandomState(params.seed + 1)
+    for r in range(params.refine):
+        assign.stage = f"refine {r + 1}/{params.refine}"
         tally = assign.tally_pass(centroids, sums=True)
         counts = tally.counts
         centroids = (tally.sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
         nsplit = reassign_centroids(counts.copy(), centroids, rs)
-        if spherical:
+        if params.spherical:
             l2_normalize(centroids)
         refine_stats.append({"objective": tally.objective, "splits": nsplit, "imbalance": imbalance(counts)})
-    timings["refine_s"] = time.perf_counter() - t
+    return centroids, refine_stats
 
-    # One streaming assignment pass: labels and distances of every row written block by block as they come
-    # (into workdir's labels.npy and distances.npy, or memory); the sizes and objective tallied meanwhile.
-    t = time.perf_counter()
+
+def _assign(
+    assign: ChunkAssign, centroids: np.ndarray, params: KMeansParams, workdir: Path | None, n: int
+) -> tuple[np.ndarray, PassTally, dict[str, np.ndarray], dict[str, Column], dict[str, Any]]:
+    """One streaming assignment pass: labels and distances of every row written block by block (into
+    workdir's labels.npy and distances.npy, or memory), sizes and objective tallied meanwhile; then empty
+    clusters take a perturbed copy of a large one and every row is assigned again, in place.
+
+    Returns (centroids, the last pass's tally, the finished arrays, their columns, the re-seeding record
+    with `seconds` spent re-seeding)."""
     columns: dict[str, Column] = {}
     try:
         for name, (file, dtype) in ROW_FILES.items():
-            columns[name] = new_column(workdir, file, source.n, dtype)
+            columns[name] = new_column(workdir, file, n, dtype)
         assign.stage = "assign"
         tally = assign.tally_pass(centroids, **columns)
-        timings["assign_s"] = time.perf_counter() - t
-
-        # Empty clusters take a perturbed copy of a large one, then every row is assigned again (in place).
         t = time.perf_counter()
         empty_before = int(np.count_nonzero(tally.counts == 0))
         rounds = reseeds = 0
-        if reseed_empty and empty_before:
-            rs = np.random.RandomState(seed + 2)
+        if params.reseed_empty and empty_before:
+            rs = np.random.RandomState(params.seed + 2)
             centroids, rounds, reseeds, tally = reseed_passes(
-                assign, centroids, tally, columns["labels"], columns["distances"], rs, spherical=spherical
+                assign,
+                centroids,
+                tally,
+                columns["labels"],
+                columns["distances"],
+                rs,
+                spherical=params.spherical,
             )
-        timings["reseed_s"] = time.perf_counter() - t
+        seconds = time.perf_counter() - t
     except BaseException:
         for column in columns.values():
             column.close()
         raise
     arrays = {name: column.finish() for name, column in columns.items()}
-    timings["total_s"] = time.perf_counter() - t0
+    reseeded = {"empty_before": empty_before, "rounds": rounds, "clusters": reseeds, "seconds": seconds}
+    return centroids, tally, arrays, columns, reseeded
 
-    dropped = assign.bad_rows
+
+def _tally_stats(tally: PassTally) -> dict[str, Any]:
+    """stats.json's fields of the final assignment: objective, sizes, empty clusters, balance."""
     sizes = tally.counts
-    stats = {
-        "source": source.name,
-        "n": source.n,
-        "k": k,
-        "input_dim": source.dim,
-        "dim": d,
-        "params": {
-            "niter": niter,
-            "seed": seed,
-            "sample_per_centroid": sample_per_centroid,
-            "refine": refine,
-            "spherical": spherical,
-            "pca": pca,
-            "gpus": gpus,
-            "drop_nonfinite": drop_nonfinite,
-            "reseed_empty": reseed_empty,
-        },
-        "sample_size": len(rows),
+    return {
         "objective": tally.objective,
         "mean_distance": tally.mean_distance,
         "sizes": sizes.tolist(),
@@ -423,23 +447,7 @@ def _cluster(
         "max_size": int(sizes.max()),
         "empty_clusters": np.flatnonzero(sizes == 0).tolist(),
         "imbalance": imbalance(sizes),
-        "splits": train_splits + sum(s["splits"] for s in refine_stats),
-        "train": {"objective": [float(o) for o in km.obj], "splits": train_splits},
-        "refine": refine_stats,
-        "reseeded": {"empty_before": empty_before, "rounds": rounds, "clusters": reseeds},
-        "dropped_rows": len(dropped),
-        "dropped_first": dropped[:20].tolist(),
-        "timings": timings,
     }
-    files = {name: (c.path, arrays[name]) for name, c in columns.items() if isinstance(c, NpyColumn)}
-    return ClusterResult(
-        labels=arrays["labels"],
-        distances=arrays["distances"],
-        centroids=centroids,
-        stats=stats,
-        transform=transform,
-        files=files,
-    )
 
 
 def reseed_centroids(

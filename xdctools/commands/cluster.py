@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 import numpy as np
 
+from xdctools.cluster import report
+from xdctools.cluster.kmeans import ClusterResult, KMeansParams, cluster_store_to
+from xdctools.commands.progress import StageBars
 from xdctools.errors import DataError, InputError
 from xdctools.shard.format import INFO_EXT, decode_info
+from xdctools.shard.read import locations, read_dataset_json, read_samples
 
 
 def shard_set(shards: Path) -> Path:
@@ -32,32 +35,20 @@ def shard_set(shards: Path) -> Path:
 def shard_class_names(set_dir: Path) -> list[str] | None:
     """Class names from the `dataset.json` beside the set folders (docs/shard-format.md), if there is one;
     DataError when it is there but unreadable."""
-    meta = set_dir.parent / "dataset.json"
-    if not meta.is_file():
-        return None
-    try:
-        classes = json.loads(meta.read_text()).get("classes")
-    except (OSError, ValueError, AttributeError) as e:
-        raise DataError(f"{meta}: unreadable ({type(e).__name__}: {e})") from None
-    return classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
+    dataset = read_dataset_json(set_dir.parent)
+    return None if dataset is None else dataset.get("classes")
 
 
 def shard_labels(set_dir: Path) -> dict[int, int]:
     """video index -> class index, from the `info.npy` member of every sample in one shard set."""
     labels: dict[int, int] = {}
-    tars = sorted(set_dir.glob("*.tar"))
-    for path in tars:
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if not member.name.endswith("." + INFO_EXT):
-                        continue
-                    info = decode_info(tar.extractfile(member).read())
-                    video, label = info["video"], info["label"]
-                    if labels.setdefault(video, label) != label:
-                        raise DataError(f"{path}: video {video} has labels {labels[video]} and {label}")
-        except (tarfile.TarError, OSError, ValueError, IndexError) as e:
-            raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+    for sample in read_samples(locations(sorted(set_dir.glob("*.tar"))), [INFO_EXT]):
+        if INFO_EXT not in sample.members:
+            continue
+        info = sample.decode(INFO_EXT, decode_info)
+        video, label = info["video"], info["label"]
+        if labels.setdefault(video, label) != label:
+            raise DataError(f"{sample.shard}: video {video} has labels {labels[video]} and {label}")
     return labels
 
 
@@ -88,26 +79,54 @@ def true_labels(index: np.ndarray, labels_file: Path | None, shards: Path | None
     return None
 
 
-class _Bars:
-    """Progress callback drawing one tqdm bar per stage."""
+class ReportFiles:
+    """`cluster_store_to`'s `extra_files`: the size histogram, and with true labels the scores (report.json)
+    and the best and worst clusters (clusters.txt); keeps the scores and table for the summary."""
 
-    def __init__(self) -> None:
-        self.bar, self.stage = None, None
+    def __init__(self, title: str, truth: np.ndarray | None, shards: Path | None) -> None:
+        self.title, self.truth, self.shards = title, truth, shards
+        self.metrics: dict | None = None
+        self.table = ""
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
+    def __call__(self, result: ClusterResult) -> dict[str, bytes]:
+        files = {"sizes.png": report.size_histogram_png(result.sizes, title=self.title)}
+        if self.truth is None:
+            return files
+        self.metrics = report.cluster_metrics(self.truth, result.labels)
+        ranked = report.rank_clusters(self.truth, result.labels)
+        names = shard_class_names(shard_set(self.shards)) if self.shards is not None else None
+        self.table = report.format_table(report.top_bottom(ranked, 10), class_names=names)
+        scores = {**self.metrics, "clusters": [asdict(r) for r in ranked]}
+        files["report.json"] = (json.dumps(scores, indent=1) + "\n").encode()
+        files["clusters.txt"] = (self.table + "\n").encode()
+        return files
 
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            unit = "it" if stage == "train" else "row"
-            self.bar = tqdm(total=total, desc=stage, unit=unit, unit_scale=True, leave=False)
-        self.bar.update(done - self.bar.n)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def summary_lines(stats: dict, feats: Path, metrics: dict | None) -> list[str]:
+    """What `xdctools cluster` prints about a finished clustering (its stats.json, and scores if any)."""
+    t, sizes = stats["timings"], np.asarray(stats["sizes"])
+    lines = [
+        f"clustered {stats['n']} rows of {feats} (view {stats['view']}, d={stats['dim']}) "
+        f"into k={stats['k']} in {t['total_s']:.1f} s (sample {t['sample_s']:.1f}, train {t['train_s']:.1f}, "
+        f"refine {t['refine_s']:.1f}, assign {t['assign_s']:.1f}, reseed {t['reseed_s']:.1f})",
+        f"objective {stats['objective']:.6g} (mean {stats['mean_distance']:.4g}); sizes min {sizes.min()} / "
+        f"median {int(np.median(sizes))} / max {sizes.max()}, {len(stats['empty_clusters'])} empty, "
+        f"imbalance {stats['imbalance']:.3f}, {stats['splits']} splits",
+    ]
+    if (reseeded := stats["reseeded"])["empty_before"]:
+        lines.append(
+            f"{reseeded['empty_before']} clusters empty after the assignment: "
+            f"{reseeded['clusters']} re-seedings in {reseeded['rounds']} more passes, "
+            f"{len(stats['empty_clusters'])} still empty"
+        )
+    if stats["dropped_rows"]:
+        lines.append(f"dropped {stats['dropped_rows']} non-finite rows (label -1)")
+    if metrics is not None:
+        lines.append(
+            f"NMI {metrics['nmi']:.4f}  ARI {metrics['ari']:.4f}  purity {metrics['purity']:.4f}  "
+            f"({metrics['labelled']} labelled rows)"
+        )
+    return lines
 
 
 @click.command("cluster")
@@ -185,8 +204,6 @@ def cluster(
     overwrite: bool,
 ) -> None:
     """Cluster the features in FEATS (a store from `xdctools extract`) with k-means; write labels to OUT."""
-    from xdctools.cluster import report
-    from xdctools.cluster.kmeans import ClusterResult, cluster_store_to
     from xdctools.features.store import check_new_folder, open_store
 
     if labels_file is not None and shards is not None:
@@ -196,71 +213,25 @@ def cluster(
     truth = None  # the store's index (8 bytes a row) is read only to look true labels up
     if labels_file is not None or shards is not None:
         truth = true_labels(store.read_index(), labels_file, shards)
-    bars = _Bars()
-    done: dict = {}
-
-    def report_files(result: ClusterResult) -> dict[str, bytes]:
-        files = {"sizes.png": report.size_histogram_png(result.sizes, title=f"{feats.name} {view}")}
-        if truth is not None:
-            metrics = report.cluster_metrics(truth, result.labels)
-            ranked = report.rank_clusters(truth, result.labels)
-            names = shard_class_names(shard_set(shards)) if shards is not None else None
-            done["table"] = report.format_table(report.top_bottom(ranked, 10), class_names=names)
-            done["metrics"] = metrics
-            files["report.json"] = (
-                json.dumps({**metrics, "clusters": [asdict(r) for r in ranked]}, indent=1) + "\n"
-            ).encode()
-            files["clusters.txt"] = (done["table"] + "\n").encode()
-        return files
-
-    try:
+    params = KMeansParams(
+        k=k,
+        niter=niter,
+        seed=seed,
+        sample_per_centroid=sample_per_centroid,
+        refine=refine,
+        spherical=spherical,
+        pca=pca,
+        gpu="auto" if gpu is None else gpu,
+        drop_nonfinite=drop_nonfinite,
+        reseed_empty=reseed_empty,
+    )
+    reports = ReportFiles(f"{feats.name} {view}", truth, shards)
+    with StageBars(lambda stage: "it" if stage == "train" else "row") as bars:
         result = cluster_store_to(
-            out,
-            feats,
-            overwrite=overwrite,
-            extra_files=report_files,
-            k=k,
-            view=view,
-            niter=niter,
-            seed=seed,
-            sample_per_centroid=sample_per_centroid,
-            refine=refine,
-            spherical=spherical,
-            pca=pca,
-            gpu="auto" if gpu is None else gpu,
-            drop_nonfinite=drop_nonfinite,
-            reseed_empty=reseed_empty,
-            progress=bars,
+            out, feats, params, view=view, overwrite=overwrite, extra_files=reports, progress=bars
         )
-    finally:
-        bars.close()
-    stats = result.stats
-    t = stats["timings"]
-    sizes = np.asarray(stats["sizes"])
-    click.echo(
-        f"clustered {stats['n']} rows of {feats} (view {view}, d={stats['dim']}) into k={k} "
-        f"in {t['total_s']:.1f} s "
-        f"(sample {t['sample_s']:.1f}, train {t['train_s']:.1f}, refine {t['refine_s']:.1f}, "
-        f"assign {t['assign_s']:.1f}, reseed {t['reseed_s']:.1f})"
-    )
-    click.echo(
-        f"objective {stats['objective']:.6g} (mean {stats['mean_distance']:.4g}); sizes min {sizes.min()} / "
-        f"median {int(np.median(sizes))} / max {sizes.max()}, {len(stats['empty_clusters'])} empty, "
-        f"imbalance {stats['imbalance']:.3f}, {stats['splits']} splits"
-    )
-    if (reseeded := stats["reseeded"])["empty_before"]:
-        click.echo(
-            f"{reseeded['empty_before']} clusters empty after the assignment: "
-            f"{reseeded['clusters']} re-seedings in {reseeded['rounds']} more passes, "
-            f"{len(stats['empty_clusters'])} still empty"
-        )
-    if stats["dropped_rows"]:
-        click.echo(f"dropped {stats['dropped_rows']} non-finite rows (label -1)")
-    if truth is not None:
-        metrics = done["metrics"]
-        click.echo(
-            f"NMI {metrics['nmi']:.4f}  ARI {metrics['ari']:.4f}  purity {metrics['purity']:.4f}  "
-            f"({metrics['labelled']} labelled rows)"
-        )
-        click.echo(done["table"])
+    for line in summary_lines(result.stats, feats, reports.metrics):
+        click.echo(line)
+    if reports.metrics is not None:
+        click.echo(reports.table)
     click.echo(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")

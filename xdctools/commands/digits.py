@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from xdctools.commands.progress import StageBars
 from xdctools.commands.synth import FrameSize
 from xdctools.digits import DigitsParams, make_digits
 
@@ -79,8 +80,6 @@ def digits(
 
         xdctools shard DIRECTORY/manifest.csv -o SHARDS --short-side 128
     """
-    from tqdm import tqdm
-
     params = DigitsParams(
         per_digit_train=per_digit_train,
         per_digit_test=per_digit_test,
@@ -90,21 +89,16 @@ def digits(
         seed=seed,
     )
     start = time.perf_counter()
-    bars: list[tqdm] = []  # created at the first video, so a bad input prints no empty bar
-
-    def progress(_path: Path) -> None:
-        if not bars:
-            total = 10 * (per_digit_train + per_digit_test)
-            bars.append(tqdm(total=total, unit="video", desc="digits", leave=False))
-        bars[0].update()
-
-    try:
+    total = 10 * (per_digit_train + per_digit_test)
+    with StageBars("video") as bars:
         result = make_digits(
-            directory, params, fsdd_dir=fsdd_dir, mnist_dir=mnist_dir, workers=workers, progress=progress
+            directory,
+            params,
+            fsdd_dir=fsdd_dir,
+            mnist_dir=mnist_dir,
+            workers=workers,
+            progress=lambda _path: bars.advance("digits", total),
         )
-    finally:
-        for bar in bars:
-            bar.close()
     elapsed = time.perf_counter() - start
     click.echo(
         f"{len(result.files)} videos (10 digits x {per_digit_train} train + {per_digit_test} test) in "

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from xdctools.commands.train import Bars
+from xdctools.commands.progress import StageBars
+from xdctools.commands.slurm_options import COMMON, RANKS, refuse_without_slurm, resources, slurm_options
+from xdctools.commands.train import stage_unit
+from xdctools.tasks import Extracted, ExtractTask
+
+# Options passed to the task as they are.
+FIELDS = (
+    "batch_size",
+    "device",
+    "precision",
+    "clip_frames",
+    "stride",
+    "crop",
+    "short_side",
+    "bn_eps",
+    "threads",
+)
+FIELDS += ("overwrite",)
 
 
 @click.command("extract")
@@ -52,6 +70,7 @@ from xdctools.commands.train import Bars
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="DALI threads.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made from other weights or data.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@slurm_options(time="4:00:00", cpus=10, ranks=True, folder="OUT.slurm beside OUT")
 def extract(
     checkpoint: Path,
     shards: Path,
@@ -69,69 +88,63 @@ def extract(
     threads: int,
     overwrite: bool,
     quiet: bool,
+    executor: str,
+    **slurm: Any,
 ) -> None:
     """Run the encoders of CHECKPOINT over every segment of SHARDS once; one row per video (segment mean).
 
     CHECKPOINT is a training checkpoint or encoders.pt of `xdctools train` (video and audio), or a plain
     R(2+1)D-18 state dict (video only): the official XDC weights or torchvision's layout. An interrupted
-    extraction resumes when run again with the same arguments. Under torchrun every rank takes a part.
+    extraction resumes when run again with the same arguments. Under torchrun every rank takes a part;
+    --executor slurm submits --nodes x --gpus-per-node ranks (docs/scale.md).
 
     \b
     xdctools extract runs/quickstart/encoders.pt demo/shards -o feats.zarr --crop 112
     xdctools extract r2plus1d_18_xdc_ig65m_kinetics.pth shards/ucf101 --set test -o ucf.zarr --device gpu
     """
-    from trainer import distributed
-    from trainer.data import ClipSpec, Runtime, find_shards
-    from trainer.extract import extract_features, load_encoders
-    from xdctools.errors import ConfigError
-
+    refuse_without_slurm(executor, (*COMMON, *RANKS))
     if precision != "fp32" and device != "gpu":
         raise click.BadParameter("bf16/fp16 need --device gpu", param_hint="--precision")
-    wanted = None if modality is None else (("video", "audio") if modality == "both" else (modality,))
-    loaded = load_encoders(checkpoint, modalities=wanted, bn_eps=bn_eps)
-    has_video = "video" in loaded.encoders
-    shard_set = find_shards(shards, set_name, video=has_video)
-    if crop is None:
-        crop = min(224, short_side or shard_set.short_side or 224)
-    dist = distributed.init("cuda" if device == "gpu" else "cpu")
-    if dist.device.type == "cpu" and device == "gpu":
-        raise ConfigError("--device gpu: no CUDA device is available here")
-    for encoder in loaded.encoders.values():
-        encoder.to(dist.device)
-    main = dist.is_main
-    bars = Bars() if main and not quiet else None
-    try:
-        store = extract_features(
-            loaded.encoders,
-            shard_set,
-            out,
-            batch_size=batch_size,
-            clip=ClipSpec(
-                length=clip_frames, stride=stride, crop=crop, short_side=short_side, video=has_video
-            ),
-            run=Runtime(
-                device=device,
-                device_id=dist.local_rank,
-                num_threads=threads,
-                rank=dist.rank,
-                world_size=dist.world_size,
-            ),
-            device=dist.device,
-            precision=precision,
-            attrs={
-                "iteration": loaded.iteration,
-                "set": set_name,
-                "source": str(checkpoint),
-                "weights": loaded.source,
-            },
-            overwrite=overwrite,
-            progress=bars,
-            stage=f"extract {set_name}",
-        )
-    finally:
-        if bars is not None:
-            bars.close()
-    if main:
-        dims = ", ".join(f"{m} {d}" for m, d in store.dims.items())
-        click.echo(f"{store.path}: {store.n} videos x ({dims}) from {checkpoint} ({loaded.source} weights)")
-    distributed.cleanup()
+    task = extract_task(click.get_current_context().params)
+    if executor == "slurm":
+        extract_on_slurm(task, slurm)
+        return
+    with StageBars(stage_unit) as bars:
+        done = task(progress=None if quiet else bars)
+    if done is not None:
+        click.echo(extracted_line(done, checkpoint))
+
+
+def extract_task(o: dict[str, Any]) -> ExtractTask:
+    """The command's options (Click's parameters by name) as the task every rank runs."""
+    modality = o["modality"]
+    return ExtractTask(
+        o["checkpoint"],
+        o["shards"],
+        o["out"],
+        set_name=o["set_name"],
+        modalities=None if modality is None else (("video", "audio") if modality == "both" else (modality,)),
+        **{key: o[key] for key in FIELDS},
+    )
+
+
+def extracted_line(done: Extracted, checkpoint: Path) -> str:
+    dims = ", ".join(f"{m} {d}" for m, d in done.dims.items())
+    return f"{done.path}: {done.videos} videos x ({dims}) from {checkpoint} ({done.source} weights)"
+
+
+def extract_on_slurm(task: ExtractTask, slurm: dict[str, Any]) -> None:
+    """One job of --nodes x --gpus-per-node ranks (CPU ranks with --device cpu); rank 0's line."""
+    from xdctools.slurm import failure, import_submitit, run_ranks
+
+    out = task.out.resolve()
+    res = resources(
+        slurm, folder=out.with_name(out.name + ".slurm"), name="xdctools-extract", gpus=task.device == "gpu"
+    )
+    import_submitit()
+    task.check()
+    results = run_ranks(task, res, on_submit=lambda line: click.echo(f"submitted {line}", err=True))
+    error = failure(results, what="rank")
+    if error is not None:
+        raise error
+    click.echo(extracted_line(results[0].value, task.checkpoint))

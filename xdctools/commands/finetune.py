@@ -100,11 +100,11 @@ def finetune(
             click.echo(message, err=True)
 
     if recipe.mode == "svm":
-        from trainer.svm import run_svm
+        from trainer.evaluate.svm import run_svm
 
         summary = run_svm(recipe, progress)
     else:
-        from trainer.finetune import run_finetune
+        from trainer.evaluate.finetune import run_finetune
 
         summary = run_finetune(recipe, progress)
     if distributed.is_main():

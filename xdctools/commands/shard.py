@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import shutil
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from xdctools.errors import DataError, DependencyError, XdcError
+from xdctools.commands.progress import StageBars
+from xdctools.commands.slurm_options import (
+    ARRAY,
+    COMMON,
+    given,
+    refuse_without_slurm,
+    resources,
+    slurm_options,
+)
+from xdctools.errors import DataError, XdcError
 from xdctools.shard.plan import KINDS
+from xdctools.tasks import ShardTask
 
 if TYPE_CHECKING:
     from xdctools.shard.run import Summary
+    from xdctools.slurm import TaskResult
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
@@ -58,8 +69,11 @@ def parse_split(value: str | None) -> list[int] | str | None:
 KIND_NOTES = {"media": "", "transient": " (the next run retries them)"}
 
 
-def format_summary(summary: Summary, out_dir: Path) -> str:
-    """The closing lines: ok / failed per kind and reason / hours / GB, and where the details are."""
+def format_summary(summary: Summary, out_dir: Path, pending: str | None = None) -> str:
+    """The closing lines: ok / failed per kind and reason / hours / GB, and where the details are.
+
+    `pending`: the last line when the dataset is not complete (default: this node waits for the others).
+    """
     lines = [
         f"ok: {summary.ok} videos, {summary.hours:.2f} h of video, {summary.bytes / 1e9:.3f} GB of shards",
         *failure_lines(summary),
@@ -69,7 +83,9 @@ def format_summary(summary: Summary, out_dir: Path) -> str:
     if summary.complete:
         lines += [f"dataset: {summary.dataset_path}", f"errors: {summary.errors_path}"]
     else:
-        lines.append(f"this node is done; {out_dir}/dataset.json is written when every node is done")
+        lines.append(
+            pending or f"this node is done; {out_dir}/dataset.json is written when every node is done"
+        )
     return "\n".join(lines)
 
 
@@ -89,18 +105,15 @@ def failure_lines(summary: Summary) -> list[str]:
     return lines
 
 
-def close_bars(bars: list) -> None:
-    while bars:
-        bars.pop().close()
-
-
-def require_ffmpeg() -> None:
-    """ffmpeg and ffprobe on PATH, checked before any file: without them every file would fail."""
-    missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
-    if missing:
-        raise DependencyError(
-            f"{' and '.join(missing)}: not found on PATH; install ffmpeg (Debian: apt-get install ffmpeg)"
-        )
+def task_line(result: TaskResult) -> str:
+    """One array task as it ended: its counts, or its error."""
+    if not result.ok:
+        return f"task {result.index}: failed: {result.error}"
+    s = result.value
+    return (
+        f"task {result.index}: {s.ok} ok, {sum(s.failed.values())} failed of {s.videos} videos; units: "
+        f"{s.units_written} written, {s.units_skipped} already complete"
+    )
 
 
 @click.command("shard")
@@ -206,6 +219,7 @@ def require_ffmpeg() -> None:
     help="Also retry the files that failed for a media reason (after you replaced them); transient "
     "failures are always retried.",
 )
+@slurm_options(time="4:00:00", cpus=16, ranks=False, folder="OUTPUT.slurm beside OUTPUT")
 def shard(
     root: Path,
     output: Path,
@@ -234,6 +248,8 @@ def shard(
     timeout: float,
     max_failed: float,
     retry_failed: bool,
+    executor: str,
+    **slurm: Any,
 ) -> None:
     """Re-encode the videos under ROOT into WebDataset shards that DALI streams.
 
@@ -241,69 +257,114 @@ def shard(
     that cannot be used are listed with their kind and reason in OUTPUT/errors.jsonl. Rerun the same
     command to resume: complete shard units are kept, files that failed for a transient reason (timeout,
     disk full, out of memory, ffmpeg killed) are retried. Exit 5 when transient failures are left or more
-    than --max-failed of the inputs failed for a media reason.
+    than --max-failed of the inputs failed for a media reason. --executor slurm runs the units as a Slurm
+    array (docs/scale.md).
     """
-    from tqdm import tqdm
+    from xdctools.shard.run import failure_verdict
 
-    from xdctools.shard.params import ShardParams
-    from xdctools.shard.plan import build_plan, shuffle_plan
-    from xdctools.shard.run import InternalError, failure_verdict, run_shard
-
-    split_ids = parse_split(split)
-    plan = build_plan(
-        root,
-        kind=kind,
-        csv=list(csv_paths) or None,
-        splits=splits,
-        split_ids=split_ids,
-        manifest=manifest,
-        classes=classes,
-        set_name=set_name,
-    )
-    if order == "shuffled":
-        plan = shuffle_plan(plan, seed)
-    params = ShardParams(
-        codec=codec,
-        short_side=short_side,
-        fps=fps,
-        gop=gop,
-        segment_frames=segment_frames,
-        crf=crf,
-        ffmpeg_threads=ffmpeg_threads,
-        audio_required=plan.audio_required if audio is None else audio == "required",
-        timeout_s=timeout,
-    )
-    require_ffmpeg()
-    bars: list[tqdm] = []  # created at the first report, so an early error prints no empty bar
-
-    def progress(done: int, total: int, ok: int, failed: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="video", dynamic_ncols=True, desc="shard"))
-        bars[0].set_postfix(ok=ok, failed=failed, refresh=False)
-        bars[0].update(done - bars[0].n)
-
-    try:
-        summary = run_shard(
-            plan,
-            params,
-            output,
-            shard_size=shard_size,
-            max_shard_bytes=shard_bytes,
-            workers=workers,
-            node_rank=node_rank,
-            num_nodes=num_nodes,
-            progress=progress,
-            retry_failed=retry_failed,
-        )
-    except InternalError as e:
-        close_bars(bars)
-        traceback.print_exception(e.__cause__)  # the bug's traceback (a worker's included), then one line
-        raise
-    except OSError as e:
-        raise XdcError(f"{e.filename or output}: {e.strerror or e}") from e
-    finally:
-        close_bars(bars)
+    refuse_without_slurm(executor, (*COMMON, *ARRAY))
+    task = shard_task(click.get_current_context().params)
+    if executor == "slurm":
+        shard_on_slurm(task, slurm, max_failed)
+        return
+    summary = shard_here(task, node_rank, num_nodes)
     click.echo(format_summary(summary, output))
     verdict = failure_verdict(summary, max_failed)
     if verdict:
         raise DataError(f"{summary.errors_path or output}: {verdict}")
+
+
+def shard_task(o: dict[str, Any]) -> ShardTask:
+    """The command's options (Click's parameters by name) as the task every node runs."""
+    return ShardTask(
+        o["root"],
+        o["output"],
+        inputs={
+            "kind": o["kind"],
+            "csv": list(o["csv_paths"]) or None,
+            "splits": o["splits"],
+            "split_ids": parse_split(o["split"]),
+            "manifest": o["manifest"],
+            "classes": o["classes"],
+            "set_name": o["set_name"],
+        },
+        order=o["order"],
+        seed=o["seed"],
+        params={
+            "codec": o["codec"],
+            "short_side": o["short_side"],
+            "fps": o["fps"],
+            "gop": o["gop"],
+            "segment_frames": o["segment_frames"],
+            "crf": o["crf"],
+            "ffmpeg_threads": o["ffmpeg_threads"],
+            "timeout_s": o["timeout"],
+        },
+        audio=o["audio"],
+        shard_size=o["shard_size"],
+        max_shard_bytes=o["shard_bytes"],
+        workers=o["workers"],
+        retry_failed=o["retry_failed"],
+    )
+
+
+def shard_here(task: ShardTask, node_rank: int, num_nodes: int) -> Summary:
+    """This process's slice, with a progress bar; a bug's traceback is printed before its one line."""
+    from xdctools.shard.run import InternalError
+
+    bars = StageBars("video", leave=True)
+    try:
+        return task(
+            node_rank,
+            num_nodes,
+            lambda done, total, ok, failed: bars("shard", done, total, ok=ok, failed=failed),
+        )
+    except InternalError as e:
+        bars.close()
+        traceback.print_exception(e.__cause__)  # the bug's traceback (a worker's included), then one line
+        raise
+    except OSError as e:
+        raise XdcError(f"{e.filename or task.output}: {e.strerror or e}") from e
+    finally:
+        bars.close()
+
+
+def shard_on_slurm(task: ShardTask, slurm: dict[str, Any], max_failed: float) -> None:
+    """An array of --slurm-tasks tasks (task R of M: --node-rank R --num-nodes M), then one summary."""
+    from xdctools.shard.run import failure_verdict
+    from xdctools.slurm import failure, import_submitit, run_array
+    from xdctools.tasks import merge_summaries
+
+    if given(("node_rank", "num_nodes")):
+        raise click.UsageError(
+            "--node-rank/--num-nodes: set by the array with --executor slurm (--slurm-tasks)"
+        )
+    out = task.output.resolve()
+    res = resources(
+        slurm,
+        folder=out.with_name(out.name + ".slurm"),
+        name="xdctools-shard",
+        gpus=False,
+        array=slurm["slurm_tasks"],
+    )
+    import_submitit()
+    res = dataclasses.replace(res, array=min(res.array, max(task.units(), 1)))  # no task without a unit
+    if not given(("workers",)):
+        task = dataclasses.replace(task, workers=res.cpus_per_task)
+    echo = click.echo
+    results = run_array(
+        task,
+        [(rank, res.array) for rank in range(res.array)],
+        res,
+        on_submit=lambda line: echo(f"submitted {line}", err=True),
+        on_done=lambda r: echo(f"task {r.index} ended" + ("" if r.ok else " with an error"), err=True),
+    )
+    merged = merge_summaries([r.value for r in results if r.ok])
+    error = failure(results)
+    pending = f"{task.output}/dataset.json is written when every task is done: run the same command again"
+    click.echo("\n".join([*map(task_line, results), format_summary(merged, task.output, pending)]))
+    if error is not None:
+        raise error
+    verdict = failure_verdict(merged, max_failed)
+    if verdict:
+        raise DataError(f"{merged.errors_path or task.output}: {verdict}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from xdctools.commands.progress import StageBars
 from xdctools.synth import MAX_CLASSES, SynthParams, synthesize
 
 
@@ -61,12 +62,13 @@ def synth(
     the sound); background, position, size, speed, loudness, a flickering square and a stray beep
     vary per video. Rerunning with the same options finishes an interrupted run.
     """
-    from tqdm import tqdm
-
     params = SynthParams(classes=classes, per_class=per_class, seconds=seconds, fps=fps, size=size, seed=seed)
     start = time.perf_counter()
-    with tqdm(total=classes * per_class, unit="video", desc="synth", leave=False) as bar:
-        result = synthesize(directory, params, workers=workers, progress=lambda _path: bar.update())
+    with StageBars("video") as bars:
+        total = classes * per_class
+        result = synthesize(
+            directory, params, workers=workers, progress=lambda _: bars.advance("synth", total)
+        )
     elapsed = time.perf_counter() - start
     click.echo(
         f"{len(result.files)} videos ({classes} classes x {per_class}) in {result.root}: "

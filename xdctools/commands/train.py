@@ -5,36 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from xdctools.commands.progress import StageBars
+from xdctools.commands.slurm_options import COMMON, RANKS, refuse_without_slurm, resources, slurm_options
 
-class Bars:
-    """tqdm bars for the loop's progress callback: one per stage, clips/s (or rows/s) and ETA."""
+if TYPE_CHECKING:
+    from xdctools.tasks import TrainTask
 
-    def __init__(self) -> None:
-        self.bar: Any = None
-        self.stage: str | None = None
 
-    def __call__(self, stage: str, done: int, total: int, **info: Any) -> None:
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            unit = "clip" if "epoch" in stage else "segment" if "extract" in stage else "row"
-            self.bar = tqdm(
-                total=total, desc=stage, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True
-            )
-        if info:
-            self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in info.items()})
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def stage_unit(stage: str) -> str:
+    """The unit of a loop stage's progress: training counts clips, extraction segments, k-means rows."""
+    return "clip" if "epoch" in stage else "segment" if "extract" in stage else "row"
 
 
 def recipe_arguments(example: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -110,6 +94,7 @@ def resolved_config(recipe: Any, world_size: int) -> str:
     default=None,
     help="With --print-config: the number of GPUs (ranks) to resolve for (default: torchrun's, else 1).",
 )
+@slurm_options(time="24:00:00", cpus=10, ranks=True, folder="RUN/slurm in the run folder")
 def train(
     recipe_path: Path,
     overrides: tuple[str, ...],
@@ -118,6 +103,8 @@ def train(
     quiet: bool,
     print_config: bool,
     world_size: int | None,
+    executor: str,
+    **slurm: Any,
 ) -> None:
     """Pretrain the video and audio encoders with the recipe's method; under torchrun, on every rank.
 
@@ -128,30 +115,49 @@ def train(
     xdctools train recipes/quickstart.yaml
     xdctools train recipes/pretrain/kinetics-xdc.yaml --print-config --world-size 8
     torchrun --nproc_per_node=8 -m xdctools train recipes/pretrain/kinetics-xdc.yaml
+    xdctools train recipes/pretrain/kinetics-xdc.yaml --executor slurm --nodes 2 --gpus-per-node 8
     """
     from trainer import distributed
     from trainer.log import effective_line
-    from trainer.loop import run
     from trainer.optim import effective_block
     from xdctools.recipe import load_recipe
+    from xdctools.tasks import TrainTask
 
+    refuse_without_slurm(executor, (*COMMON, *RANKS))
     overrides = (*overrides, f"run.out={out}") if out is not None else overrides
     recipe = load_recipe(recipe_path, overrides)
     if world_size is not None and not print_config:
         raise click.UsageError("--world-size only applies to --print-config (a run takes torchrun's)")
     if print_config:
-        click.echo(resolved_config(recipe, world_size or distributed.env_ranks()[1]), nl=False)
+        ranks = slurm["nodes"] * slurm["gpus_per_node"] if executor == "slurm" else distributed.env_ranks()[1]
+        click.echo(resolved_config(recipe, world_size or ranks), nl=False)
+        return
+    task = TrainTask(recipe, resume=resume)
+    if executor == "slurm":
+        train_on_slurm(task, slurm)
         return
     main = distributed.env_ranks()[0] == 0
     if main:
         block = effective_block(recipe, distributed.env_ranks()[1])
         click.echo(f"effective: {effective_line(block)}", err=True)
-    bars = Bars() if main and not quiet else None
-    try:
-        result = run(recipe, resume=resume, progress=bars)
-    finally:
-        if bars is not None:
-            bars.close()
+    with StageBars(stage_unit) as bars:
+        result = task(progress=bars if main and not quiet else None)
     if main:
         click.echo(format_result(result, recipe.iterations))
-    distributed.cleanup()
+
+
+def train_on_slurm(task: TrainTask, slurm: dict[str, Any]) -> None:
+    """One job of --nodes x --gpus-per-node ranks; requeued, it resumes from the newest checkpoint."""
+    from trainer.log import effective_line
+    from trainer.optim import effective_block
+    from xdctools.slurm import failure, import_submitit, run_ranks
+
+    run_dir = Path(task.recipe.run.out).resolve()
+    res = resources(slurm, folder=run_dir / "slurm", name=f"xdctools-{task.recipe.name}", gpus=True)
+    import_submitit()
+    click.echo(f"effective: {effective_line(effective_block(task.recipe, res.ranks))}", err=True)
+    results = run_ranks(task, res, on_submit=lambda line: click.echo(f"submitted {line}", err=True))
+    error = failure(results, what="rank")
+    if error is not None:
+        raise error
+    click.echo(format_result(results[0].value, task.recipe.iterations))

@@ -21,11 +21,11 @@ from xdctools.shard import format as fmt
 from xdctools.shard.jobs import Job, Plan
 from xdctools.shard.media import MEDIA, REASON_KINDS, TRANSIENT, process_job
 from xdctools.shard.params import OPERATIONAL, ShardParams
+from xdctools.shard.read import DATASET_FILE
 from xdctools.shard.write import TMP_SUFFIX, ShardWriter, write_file
 
 DATASET_FORMAT_VERSION = 1
 PARAMS_FILE = "params.json"
-DATASET_FILE = "dataset.json"
 ERRORS_FILE = "errors.jsonl"
 MARKER_SUFFIX = ".stats.json"
 MISSING_FILE = "missing_file"  # plan.py's reason for an annotated file not found on disk

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xdctools.atomic import write_bytes_atomic
 from xdctools.errors import XdcError, disk_full
+from xdctools.shard.read import split_member
 
 TAR_FORMAT = tarfile.GNU_FORMAT
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -50,14 +51,6 @@ class PartInfo:
         return asdict(self)
 
 
-def split_member(name: str) -> tuple[str, str]:
-    """(key, ext) as DALI and WebDataset split them: ext is the text after the first dot."""
-    dot = name.find(".", name.rfind("/") + 1)
-    if dot <= 0:
-        raise ValueError(f"tar member {name!r} has no extension")
-    return name[:dot], name[dot + 1 :]
-
-
 def member_info(name: str, size: int) -> tarfile.TarInfo:
     """A regular file's header with every field that varies between runs pinned."""
     info = tarfile.TarInfo(name)
@@ -93,7 +86,12 @@ def check_sample(sample: Sample) -> str:
     """The sample's key; all members must share it, or DALI would split them into several samples."""
     if not sample:
         raise ValueError("empty sample")
-    keys = {split_member(name)[0] for name, _ in sample}
+    keys = set()
+    for name, _ in sample:
+        key, ext = split_member(name)
+        if not key or not ext:
+            raise ValueError(f"tar member {name!r} has no extension")
+        keys.add(key)
     if len(keys) != 1:
         raise ValueError(f"members of one sample have different keys: {sorted(keys)}")
     return keys.pop()

@@ -11,8 +11,8 @@ in the shards its purity and 5 most frequent classes. Output folder:
   montage.json          the numbers: ranks, sizes, purities, classes, member video indices and keys
 
 Pure: `rank_rows`, `pick_members`, `split_shown`, `frame_thumb`, `mel_thumb`, `row_image`, `render_html`.
-I/O: `read_clusters`, `ShardSet` (key → tar offsets from the `.idx` files; each sample read once),
-`write_montage`.
+I/O: `read_clusters`, `ShardSet` (each video's first segment, located and read through
+`xdctools.shard.read`: the `.idx` files or the tars' headers; each sample read once), `write_montage`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import tarfile
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,8 +32,9 @@ import numpy as np
 from xdctools.cluster.report import purity, rank_clusters
 from xdctools.errors import ConfigError, DataError, InputError
 from xdctools.features.store import check_new_folder, write_folder
-from xdctools.inspect import DATASET_FILE, decode_mel, parse_idx, split_member
+from xdctools.inspect import decode_mel
 from xdctools.shard import format as fmt
+from xdctools.shard.read import DATASET_FILE, Location, locations, read_dataset_json, read_samples
 
 MODALITIES = ("video", "audio", "both")
 PICKS = ("nearest", "random")
@@ -339,55 +339,13 @@ def read_clusters(path: str | os.PathLike) -> Clusters:
     )
 
 
-@dataclass(frozen=True)
-class _Loc:
-    tar: Path
-    key: str
-    members: dict[str, tuple[int, int]]  # ext -> (data offset, size)
-
-
-def _tar_index(tar: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """The `.idx` beside the tar, else the tar's own headers (same (key, {ext: (offset, size)}) form)."""
-    idx = tar.with_suffix(".idx")
-    if idx.is_file():
-        try:
-            return parse_idx(idx.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{idx}: unreadable index ({exc})") from None
-    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    try:
-        with tarfile.open(tar) as tf:
-            for info in tf:
-                if info.isfile():
-                    key, ext = split_member(info.name)
-                    if not out or out[-1][0] != key:
-                        out.append((key, {}))
-                    out[-1][1][ext] = (info.offset_data, info.size)
-    except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"{tar}: unreadable tar ({exc})") from None
-    return out
-
-
-def _read_all(locs: Sequence[_Loc], exts: Sequence[str]) -> list[dict[str, bytes]]:
+def _read_all(locs: Sequence[Location], exts: Sequence[str]) -> list[dict[str, bytes]]:
     """The `exts` members of each sample (absent ones skipped), one open per tar, reads in file order."""
+    first = [min(loc.members.values(), default=(0, 0)) for loc in locs]
+    order = sorted(range(len(locs)), key=lambda i: (locs[i].tar, first[i]))
     out: list[dict[str, bytes]] = [{} for _ in locs]
-    by_tar: dict[Path, list[tuple[int, str, int, int]]] = {}
-    for i, loc in enumerate(locs):
-        for ext in exts:
-            if ext in loc.members:
-                offset, size = loc.members[ext]
-                by_tar.setdefault(loc.tar, []).append((offset, ext, size, i))
-    for tar, reads in by_tar.items():
-        try:
-            with open(tar, "rb") as f:
-                for offset, ext, size, i in sorted(reads):
-                    f.seek(offset)
-                    data = f.read(size)
-                    if len(data) != size:
-                        raise DataError(f"{tar}: truncated at {locs[i].key}.{ext}; rebuild the shards")
-                    out[i][ext] = data
-        except OSError as exc:
-            raise DataError(f"{tar}: unreadable ({exc})") from None
+    for i, sample in zip(order, read_samples([locs[i] for i in order], exts), strict=True):
+        out[i] = sample.members
     return out
 
 
@@ -402,9 +360,8 @@ class ShardSet:
         root = Path(shards)
         if not root.is_dir():
             raise InputError(f"{root}: not a folder")
-        self.classes: list[str] | None = None
-        if (root / DATASET_FILE).is_file():
-            dataset = self._dataset(root / DATASET_FILE)
+        dataset = read_dataset_json(root)
+        if dataset is not None:
             sets = dataset.get("sets") or {}
             if set_name is None:
                 if len(sets) != 1:
@@ -416,43 +373,28 @@ class ShardSet:
             listed = [root / s["tar"] for s in sets[set_name].get("shards", []) if "tar" in s]
             self.tars = listed or sorted((root / set_name).glob("*.tar"))
         elif any(root.glob("*.tar")):
-            dataset = (
-                self._dataset(root.parent / DATASET_FILE) if (root.parent / DATASET_FILE).is_file() else {}
-            )
+            dataset = read_dataset_json(root.parent) or {}
             set_name = root.name
             self.tars = sorted(root.glob("*.tar"))
         else:
             raise InputError(f"{root}: no {DATASET_FILE} and no shard .tar files")
-        classes = dataset.get("classes")
-        if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
-            self.classes = classes
+        self.classes: list[str] | None = dataset.get("classes")  # checked by read_dataset_json
         self.root, self.name = root, set_name
         if not self.tars:
             raise DataError(f"{root}: shard set {set_name!r} has no tar files")
         self.first = self._first_segments()
 
-    @staticmethod
-    def _dataset(path: Path) -> dict:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable ({exc})") from None
-
-    def _first_segments(self) -> dict[int, _Loc]:
-        best: dict[int, tuple[int, _Loc]] = {}
-        unnamed: list[_Loc] = []
-        for tar in self.tars:
-            if not tar.is_file():
-                raise DataError(f"{tar}: listed in {DATASET_FILE} but missing")
-            for key, members in _tar_index(tar):
-                loc = _Loc(tar, key, members)
-                m = _KEY.match(key)
-                if m is None:
-                    unnamed.append(loc)
-                    continue
-                video, segment = int(m.group(1)), int(m.group(2))
-                if video not in best or segment < best[video][0]:
-                    best[video] = (segment, loc)
+    def _first_segments(self) -> dict[int, Location]:
+        best: dict[int, tuple[int, Location]] = {}
+        unnamed: list[Location] = []
+        for loc in locations(self.tars):
+            m = _KEY.match(loc.key)
+            if m is None:
+                unnamed.append(loc)
+                continue
+            video, segment = int(m.group(1)), int(m.group(2))
+            if video not in best or segment < best[video][0]:
+                best[video] = (segment, loc)
         for loc, data in zip(unnamed, _read_all(unnamed, [fmt.INFO_EXT]), strict=True):
             if fmt.INFO_EXT not in data:
                 raise DataError(f"{loc.tar}: sample {loc.key} has no {fmt.INFO_EXT}")
@@ -461,7 +403,7 @@ class ShardSet:
                 best[info["video"]] = (info["segment"], loc)
         return {video: loc for video, (_, loc) in best.items()}
 
-    def locate(self, videos: Sequence[int]) -> list[_Loc]:
+    def locate(self, videos: Sequence[int]) -> list[Location]:
         missing = [int(v) for v in videos if int(v) not in self.first]
         if missing:
             raise DataError(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,25 +35,13 @@ from torch import nn
 
 from trainer import distributed, sampling
 from trainer.data import eval_loader
-from trainer.finetune import (
-    EncoderSource,
-    Split,
-    _runtime,
-    build_encoder,
-    check_labels,
-    clip_spec,
-    entry_record,
-    finish_run,
-    forward_clips,
-    is_audio_only,
-    open_sets,
-    start_run,
-    write_recipe,
-)
+from trainer.evaluate.encoders import EncoderSource, build_encoder
+from trainer.evaluate.run import Progress, entry_record, finish_run, start_run, write_recipe
+from trainer.evaluate.scoring import forward_clips
+from trainer.evaluate.splits import Split, check_labels, clip_spec, is_audio_only, loader_runtime, open_sets
 from xdctools.errors import ConfigError, DataError
 from xdctools.eval_recipe import EvalRecipe
 
-Progress = Callable[[str], None]
 SVM_FILE = "svm.json"
 
 
@@ -270,7 +258,7 @@ def _set_features(
         batch_size=recipe.svm.batch_size,
         num_clips=recipe.svm.num_clips,
         clip=spec,
-        run=_runtime(recipe, dist, seed=recipe.seed),
+        run=loader_runtime(recipe, dist, seed=recipe.seed),
     )
     part = extract_clip_features(
         encoder, loader, modality=recipe.data.modality, device=dist.device, precision=recipe.model.precision
