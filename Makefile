@@ -7,12 +7,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: setup demo test lint format bench clean-demo gpu-check gpu-wheels
+.PHONY: setup setup-demo demo test lint format bench clean-demo gpu-check gpu-wheels
 
 setup:
-	@bash scripts/bootstrap.sh
+	@bash scripts/bootstrap.sh test
 
-demo: setup
+setup-demo:
+	@bash scripts/bootstrap.sh demo
+
+demo: setup-demo
 	$(BIN)/xdctools synth $(DEMO)/videos
 	$(BIN)/xdctools shard $(DEMO)/videos -o $(DEMO)/shards --short-side 128 --workers 2
 	$(BIN)/xdctools inspect $(DEMO)/shards --png $(DEMO)/inspect.png
