@@ -572,7 +572,7 @@ def _done(acc: float) -> SplitResult:
 def test_audio_only_clips_are_windows_spread_inside_the_file(tmp_path: Path) -> None:
     import soundfile as sf
 
-    from trainer.evaluate.splits import clip_spec, is_audio_only
+    from trainer.evaluate.splits import eval_clip_spec, is_audio_only
     from xdctools.shard import format as fmt
 
     rng = np.random.default_rng(0)
@@ -580,7 +580,7 @@ def test_audio_only_clips_are_windows_spread_inside_the_file(tmp_path: Path) -> 
     sf.write(tmp_path / "wavs" / "noise.wav", 0.3 * rng.standard_normal(5 * 16_000), 16_000)  # 5 s
     shards = open_sets(_shard(build_plan(tmp_path / "wavs"), tmp_path / "shards"), ["train"], video=False)
     recipe = parse_eval_recipe("name: a\ndataset: esc50\nmode: fc\ndata: {shards: s}\noptim: {lr: 0.1}")
-    spec = clip_spec(recipe, is_audio_only(shards))
+    spec = eval_clip_spec(recipe, is_audio_only(shards))
     assert (spec.length, spec.video) == (fmt.WINDOW_FRAMES, False)
     rows = next(iter(eval_loader(shards, batch_size=1, num_clips=10, clip=spec, run=Runtime(num_threads=2))))
     # 250 mel frames: 10 two-second windows from 0 to 150, evenly spaced, each wholly inside the audio

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from xdctools.commands.inspect import inspect_cmd
 from xdctools.errors import DataError
-from xdctools.inspect import load_dataset, read_sample, sample_timing, summarize
+from xdctools.inspect import dataset_summary, load_dataset, read_sample, sample_timing
 from xdctools.shard import format as fmt
 from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan
@@ -133,4 +133,4 @@ def test_missing_dataset_and_unknown_key_are_one_line_errors(shards: Path, tmp_p
     assert "v99999999_nope_s000" in result.output and str(shards) in result.output
     assert len(result.output.strip().splitlines()) == 1
 
-    assert "kind: ?" in summarize({})  # an empty document still summarises
+    assert "kind: ?" in dataset_summary({})  # an empty document still summarises

@@ -23,7 +23,7 @@ from xdctools.shard.params import ShardParams
 from xdctools.shard.plan import build_plan
 from xdctools.shard.run import run_shard
 from xdctools.synth import SynthParams, synthesize
-from xdctools.viz.montage import ShardSet, pick_members, rank_rows, split_shown
+from xdctools.viz.montage import FirstSegments, pick_members, rank_rows, split_shown
 
 K = 4
 CHROMIUM_FLAGS = [
@@ -48,7 +48,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     synthesize(base / "synth", SynthParams(classes=3, per_class=4, seconds=1.0, seed=3))
     summary = run_shard(build_plan(base / "synth"), ShardParams(short_side=64), base / "shards", shard_size=4)
     assert summary.complete and summary.ok == 12
-    shards = ShardSet(base / "shards")
+    shards = FirstSegments(base / "shards")
     videos = np.array(sorted(shards.first))
     feats = []
     for v in videos:

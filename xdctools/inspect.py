@@ -104,7 +104,7 @@ def _fmt_names(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def summarize(dataset: dict, shards_dir: str | os.PathLike | None = None) -> str:
+def dataset_summary(dataset: dict, shards_dir: str | os.PathLike | None = None) -> str:
     """The dataset.json summary as text: kind, classes, a table of sets, failures, parameters."""
     lines = []
     if shards_dir is not None:

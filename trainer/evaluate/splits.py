@@ -162,7 +162,7 @@ def video_names(shards: ShardSet) -> dict[int, str]:
     return names
 
 
-def clip_spec(recipe: EvalRecipe, audio_only: bool) -> ClipSpec:
+def eval_clip_spec(recipe: EvalRecipe, audio_only: bool) -> ClipSpec:
     """The clip of the recipe; on audio-only sets a clip is exactly one WINDOW_FRAMES mel window."""
     d = recipe.data
     if audio_only:
@@ -234,16 +234,20 @@ def open_split(
     if multi_label:  # one train set: check_multi_label_splits
         targets = MultiHot(multi_label_catalog(root, split.train[0], num_classes, video=video), num_classes)
         catalog = multi_label_catalog(root, split.test, num_classes, video=video)
-        return SplitData(train, test, clip_spec(recipe, audio_only), catalog.num_videos, targets, catalog)
-    check_labels(root, split.train, num_classes, video=video)
-    videos = check_labels(root, [split.test], num_classes, video=video)
-    return SplitData(train, test, clip_spec(recipe, audio_only), videos)
+        return SplitData(
+            train, test, eval_clip_spec(recipe, audio_only), catalog.num_videos, targets, catalog
+        )
+    check_set_labels(root, split.train, num_classes, video=video)
+    videos = check_set_labels(root, [split.test], num_classes, video=video)
+    return SplitData(train, test, eval_clip_spec(recipe, audio_only), videos)
 
 
 # --- labels ----------------------------------------------------------------------------------------
 
 
-def check_labels(root: str | os.PathLike, set_names: Iterable[str], num_classes: int, *, video: bool) -> int:
+def check_set_labels(
+    root: str | os.PathLike, set_names: Iterable[str], num_classes: int, *, video: bool
+) -> int:
     """Videos in the sets; DataError when a video has no label or one outside the dataset's classes.
 
     Each set is read on its own: video indices count from 0 in every set.

@@ -38,7 +38,14 @@ from trainer.data import eval_loader
 from trainer.evaluate.encoders import EncoderSource, build_encoder
 from trainer.evaluate.run import Progress, entry_record, finish_run, start_run, write_recipe
 from trainer.evaluate.scoring import forward_clips
-from trainer.evaluate.splits import Split, check_labels, clip_spec, is_audio_only, loader_runtime, open_sets
+from trainer.evaluate.splits import (
+    Split,
+    check_set_labels,
+    eval_clip_spec,
+    is_audio_only,
+    loader_runtime,
+    open_sets,
+)
 from xdctools.errors import ConfigError, DataError
 from xdctools.eval_recipe import EvalRecipe
 
@@ -251,8 +258,8 @@ def _set_features(
     recipe: EvalRecipe, encoder: nn.Module, name: str, num_classes: int, dist: distributed.Dist, offset: int
 ) -> ClipFeatures:
     shards = open_sets(recipe.data.shards, [name], video=recipe.data.modality == "video")
-    files = check_labels(recipe.data.shards, [name], num_classes, video=recipe.data.modality == "video")
-    spec = clip_spec(recipe, is_audio_only(shards))
+    files = check_set_labels(recipe.data.shards, [name], num_classes, video=recipe.data.modality == "video")
+    spec = eval_clip_spec(recipe, is_audio_only(shards))
     loader = eval_loader(
         shards,
         batch_size=recipe.svm.batch_size,

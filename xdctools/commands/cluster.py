@@ -52,7 +52,7 @@ def shard_labels(set_dir: Path) -> dict[int, int]:
     return labels
 
 
-def true_labels(index: np.ndarray, labels_file: Path | None, shards: Path | None) -> np.ndarray | None:
+def row_labels(index: np.ndarray, labels_file: Path | None, shards: Path | None) -> np.ndarray | None:
     """(N,) int64 class of each store row (-1 unknown), from an npy aligned with the rows or from shards."""
     if labels_file is not None:
         try:
@@ -212,7 +212,7 @@ def cluster(
     store = open_store(feats)  # fails early on a missing or foreign store; reads no rows
     truth = None  # the store's index (8 bytes a row) is read only to look true labels up
     if labels_file is not None or shards is not None:
-        truth = true_labels(store.read_index(), labels_file, shards)
+        truth = row_labels(store.read_index(), labels_file, shards)
     params = KMeansParams(
         k=k,
         niter=niter,

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from xdctools.inspect import describe_sample, load_dataset, read_sample, sample_figure, summarize, write_png
+from xdctools.inspect import (
+    dataset_summary,
+    describe_sample,
+    load_dataset,
+    read_sample,
+    sample_figure,
+    write_png,
+)
 
 
 @click.command("inspect")
@@ -32,7 +39,7 @@ def inspect_cmd(shards: Path, key: str | None, png: Path | None, frames: int) ->
     sample = read_sample(shards, key, dataset) if key is not None or png is not None else None
     if png is not None:
         write_png(sample_figure(sample, classes, grid=frames), png)
-    click.echo(summarize(dataset, shards))
+    click.echo(dataset_summary(dataset, shards))
     if sample is not None:
         click.echo("")
         click.echo(describe_sample(sample, classes))

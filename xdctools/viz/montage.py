@@ -11,7 +11,7 @@ in the shards its purity and 5 most frequent classes. Output folder:
   montage.json          the numbers: ranks, sizes, purities, classes, member video indices and keys
 
 Pure: `rank_rows`, `pick_members`, `split_shown`, `frame_thumb`, `mel_thumb`, `row_image`, `render_html`.
-I/O: `read_clusters`, `ShardSet` (each video's first segment, located and read through
+I/O: `read_clusters`, `FirstSegments` (each video's first segment, located and read through
 `xdctools.shard.read`: the `.idx` files or the tars' headers; each sample read once), `write_montage`.
 """
 
@@ -69,7 +69,7 @@ class Row:
 
 
 @dataclass
-class Member:
+class ShownVideo:
     """One shown member: where it is and what is drawn of it."""
 
     row: int
@@ -182,7 +182,7 @@ def mel_thumb(mel: np.ndarray, width: int, height: int) -> np.ndarray:
     return _resize(rgb, width, height)
 
 
-def member_tile(member: Member, *, height: int, mel_height: int, audio_width: int) -> np.ndarray:
+def member_tile(member: ShownVideo, *, height: int, mel_height: int, audio_width: int) -> np.ndarray:
     """The frame above the mel (either may be absent), both as wide as the frame thumbnail: uint8 RGB."""
     parts = []
     width = audio_width
@@ -253,7 +253,7 @@ class Picture:
 def render_html(
     head: Sequence[Row],
     tail: Sequence[Row],
-    members: dict[int, list[Member]],
+    members: dict[int, list[ShownVideo]],
     pictures: dict[int, Picture],
     *,
     names: Sequence[str] | None,
@@ -349,7 +349,7 @@ def _read_all(locs: Sequence[Location], exts: Sequence[str]) -> list[dict[str, b
     return out
 
 
-class ShardSet:
+class FirstSegments:
     """One shard set: where each video's first segment is, found from the `.idx` files (or tar headers).
 
     `shards` is a shard folder (with dataset.json; `set_name` picks a set when it holds several) or a
@@ -422,7 +422,7 @@ class ShardSet:
                 found[i] = fmt.decode_info(data[fmt.INFO_EXT])["label"]
         return found[inverse]
 
-    def fill(self, members: Sequence[Member], *, frames: bool, mel: bool) -> None:
+    def fill(self, members: Sequence[ShownVideo], *, frames: bool, mel: bool) -> None:
         """Read each member's first segment once; decode its middle frame and/or its mel."""
         locs = self.locate([m.video for m in members])
         exts = (
@@ -439,7 +439,7 @@ class ShardSet:
             if frames and video is not None:
                 member.frame = middle_frame(video, info.get("num_frames", 0), where)
             if mel and fmt.MEL_EXT in data:
-                member.mel = segment_mel(decode_mel(data[fmt.MEL_EXT], where))
+                member.mel = unpadded_mel(decode_mel(data[fmt.MEL_EXT], where))
 
 
 def middle_frame(data: bytes, num_frames: int, where: str) -> np.ndarray:
@@ -461,7 +461,7 @@ def middle_frame(data: bytes, num_frames: int, where: str) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
-def segment_mel(mel: np.ndarray) -> np.ndarray:
+def unpadded_mel(mel: np.ndarray) -> np.ndarray:
     """The stored mel without the MEL_PAD_FRAMES of context on each side: the segment's own audio."""
     pad = fmt.MEL_PAD_FRAMES
     return mel[:, pad:-pad] if mel.shape[1] > 2 * pad else mel
@@ -574,7 +574,7 @@ def write_montage(
     out = Path(out)
     check_new_folder(out, overwrite)
     result = read_clusters(clusters_dir)
-    shards = ShardSet(shards_dir, set_name)
+    shards = FirstSegments(shards_dir, set_name)
     modality = _resolve_modality(modality, result.view)
 
     # True labels of every clustered video (first segment's info.npy), the ranking, the rows shown.
@@ -592,7 +592,7 @@ def write_montage(
     chosen = pick_members(
         result.labels, [r.cluster for r in shown], per_cluster, distances=distances, seed=seed
     )
-    members = {c: [Member(int(i), int(result.index[i])) for i in idx] for c, idx in chosen.items()}
+    members = {c: [ShownVideo(int(i), int(result.index[i])) for i in idx] for c, idx in chosen.items()}
     flat = [m for ms in members.values() for m in ms]
     shards.fill(flat, frames=modality != "audio", mel=modality != "video")
     if not any(m.frame is not None or m.mel is not None for m in flat):
