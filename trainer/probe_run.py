@@ -1,7 +1,8 @@
 """A run's probe of one iteration: rows of its feature stores and the true labels in, `probe` records out.
 
-The videos are chosen here (held out, `run.eval_set`, or every labelled one for `run.probe_folds`), read
-from the stores chunk by chunk, fitted and scored by trainer.probe's pure functions, and logged on rank 0.
+The videos are chosen here (held out, `run.eval_set`, or every labelled one for `run.probe_folds`), their
+features read from the stores chunk by chunk (or, with `run.probe_clips`, the mean of several clips per video
+extracted here), fitted and scored by trainer.evaluate.probe's pure functions, and logged on rank 0.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def probe_iteration(s: Session, store: FeatureStore | None, iteration: int) -> N
     clips = s.recipe.run.probe_clips
     means = probe_clip_means(s, split, clips) if clips > 1 else None
     for modality in store.modalities:
-        x_train, x_test = probe_features(store, split, modality, means, cross_validated=split.folds)
+        x_train, x_test = probe_features(store, split, modality, means)
         score = probe_score(s, x_train, x_test, train_y, test_y)
         record = {"iteration": iteration, "modality": modality, metric: score, "split": split.name}
         if metric == "accuracy":
@@ -125,17 +126,15 @@ def probe_features(
     split: ProbeSplit,
     modality: str,
     means: Mapping[str, Mapping[str, np.ndarray]] | None,
-    *,
-    cross_validated: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(train, test) features of the probe's rows: the stores' rows, or with `means` (set -> modality ->
     (rows, d) clip means) those rows of the clip means; test is None when cross-validated."""
     if means is None:
         x_train = read_rows(store, modality, split.train_rows)
-        x_test = None if cross_validated else read_rows(split.test_store, modality, split.test_rows)
+        x_test = None if split.folds else read_rows(split.test_store, modality, split.test_rows)
         return x_train, x_test
     x_train = means["train"][modality][split.train_rows]
-    x_test = None if cross_validated else means[split.eval_set or "train"][modality][split.test_rows]
+    x_test = None if split.folds else means[split.eval_set or "train"][modality][split.test_rows]
     return x_train, x_test
 
 
