@@ -258,21 +258,10 @@ class Runtime:
 # --- the pipeline ----------------------------------------------------------------------------
 
 
-def build_pipeline(
-    shards: ShardSet,
-    mode: Mode,
-    *,
-    batch_size: int,
-    clip: ClipSpec = ClipSpec(),
-    run: Runtime = Runtime(),
-    num_clips: int = 10,
-    spec_augment: bool = False,
-    flip: bool = True,
-):
-    """The DALI pipeline of `mode` (see the module docstring); outputs are named by `output_names`."""
-    from nvidia.dali import fn
-    from nvidia.dali.pipeline import Pipeline
-
+def _checked_clips(
+    shards: ShardSet, mode: Mode, batch_size: int, clip: ClipSpec, run: Runtime, num_clips: int
+) -> int:
+    """Clips per sample of `mode`, after refusing what DALI would fail on later with a less clear error."""
     clip.check()
     run.check()
     if mode not in ("train", "eval", "extract"):
@@ -288,9 +277,48 @@ def build_pipeline(
         raise ConfigError(f"num_clips {num_clips} must be positive")
     if run.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError("device 'gpu': no CUDA device is available here (use device 'cpu')")
+    return clips
 
-    train = mode == "train"
+
+def _read_members(shards: ShardSet, clip: ClipSpec, run: Runtime, train: bool):
+    """DALI's webdataset reader of this rank's samples: (info, mel[, video]) members, shuffled to train."""
+    from nvidia.dali import fn
+
     per_rank = len(shards.rank_keys(run.rank, run.world_size))
+    exts = [fmt.INFO_EXT, fmt.MEL_EXT] + ([";".join(VIDEO_EXTS)] if clip.video else [])
+    return fn.readers.webdataset(
+        paths=[str(p) for p in shards.tars],
+        index_paths=[str(p) for p in shards.indexes],
+        ext=exts,
+        missing_component_behavior="error",
+        shard_id=run.rank,
+        num_shards=run.world_size,
+        random_shuffle=train,  # a buffer of initial_fill samples (shuffle_after_epoch: a no-op here)
+        initial_fill=max(1, min(1024, per_rank)),
+        stick_to_shard=not train,
+        pad_last_batch=not train,
+        seed=run.seed + 7919 * run.rank,
+        name=READER,
+    )
+
+
+def build_pipeline(
+    shards: ShardSet,
+    mode: Mode,
+    *,
+    batch_size: int,
+    clip: ClipSpec = ClipSpec(),
+    run: Runtime = Runtime(),
+    num_clips: int = 10,
+    spec_augment: bool = False,
+    flip: bool = True,
+):
+    """The DALI pipeline of `mode` (see the module docstring); outputs are named by `output_names`."""
+    from nvidia.dali import fn
+    from nvidia.dali.pipeline import Pipeline
+
+    clips = _checked_clips(shards, mode, batch_size, clip, run, num_clips)
+    train = mode == "train"
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=run.num_threads,
@@ -299,21 +327,7 @@ def build_pipeline(
         prefetch_queue_depth=run.prefetch_queue_depth,
     )
     with pipe:
-        exts = [fmt.INFO_EXT, fmt.MEL_EXT] + ([";".join(VIDEO_EXTS)] if clip.video else [])
-        members = fn.readers.webdataset(
-            paths=[str(p) for p in shards.tars],
-            index_paths=[str(p) for p in shards.indexes],
-            ext=exts,
-            missing_component_behavior="error",
-            shard_id=run.rank,
-            num_shards=run.world_size,
-            random_shuffle=train,  # a buffer of initial_fill samples (shuffle_after_epoch: a no-op here)
-            initial_fill=max(1, min(1024, per_rank)),
-            stick_to_shard=not train,
-            pad_last_batch=not train,
-            seed=run.seed + 7919 * run.rank,
-            name=READER,
-        )
+        members = _read_members(shards, clip, run, train)
         info = fn.decoders.numpy(members[0])
         mel = fn.decoders.numpy(members[1])
         fields = _sample_fields(info)

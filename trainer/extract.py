@@ -24,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import os
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,10 +307,7 @@ def extract_features(
     or replaced when `overwrite`. Call on all ranks; `run` gives rank and world size. `chunk_rows`
     overrides the store's row chunking (default: chunks of >= 1 MiB).
     """
-    if not encoders or set(encoders) - {"video", "audio"}:
-        raise ConfigError(f"extract: encoders must be 'video' and/or 'audio', got {sorted(encoders)}")
-    if "video" in encoders and not clip.video:
-        raise ConfigError("extract: a video encoder needs clips with video (ClipSpec.video=True)")
+    _check_encoders(encoders, clip)
     out = Path(out)
     device = torch.device(device)
     catalog = catalog or read_catalog(shards)
@@ -318,19 +316,7 @@ def extract_features(
             f"{out}: the catalog has {len(catalog.sample_video)} samples, the shards {len(shards)}"
         )
     dims = {m: int(e.feature_dim) for m, e in encoders.items()}
-    attrs = {
-        **(attrs or {}),
-        "checkpoint": weights_digest(encoders),
-        "modalities": sorted(dims),
-        "extraction": {
-            "clip_frames": clip.length,
-            "stride": clip.stride,
-            "crop": clip.crop,
-            "short_side": clip.short_side,
-            "samples": len(shards),
-            "pooling": "mean of each segment's centre clip",
-        },
-    }
+    attrs = _store_attrs(attrs, encoders, clip, len(shards))
     store = _open_or_create(out, catalog, dims, attrs, overwrite, chunk_rows)
     if store.complete:
         return store
@@ -339,33 +325,26 @@ def extract_features(
     written = store.written_mask()
     pooler = _Pooler(store, catalog, plan, written)
     loader = extract_loader(shards, batch_size=batch_size, clip=clip, run=run)
-    modes = {m: e.training for m, e in encoders.items()}
-    for e in encoders.values():
-        e.eval()
     total = plan.s1 - plan.s0
     pos = plan.s0
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                index = batch["index"].numpy()
-                expected = catalog.sample_video[pos : pos + len(index)]
-                if not np.array_equal(index, expected):
-                    raise DataError(
-                        f"{shards.tars[0].parent}: extraction read videos {index[:4].tolist()} at sample "
-                        f"{pos}, the catalog says {expected[:4].tolist()} (shards changed?)"
-                    )
-                rows = catalog.rows_of(index)
-                if pooler.skippable(rows):
-                    features = None
-                else:
-                    features = forward_batch(encoders, batch, device, precision, channels_last)
-                pooler.add(rows, features)
-                pos += len(index)
-                if progress:
-                    progress(stage, pos - plan.s0, total)
-    finally:
-        for m, e in encoders.items():
-            e.train(modes[m])
+    with eval_mode(encoders), torch.inference_mode():
+        for batch in loader:
+            index = batch["index"].numpy()
+            expected = catalog.sample_video[pos : pos + len(index)]
+            if not np.array_equal(index, expected):
+                raise DataError(
+                    f"{shards.tars[0].parent}: extraction read videos {index[:4].tolist()} at sample "
+                    f"{pos}, the catalog says {expected[:4].tolist()} (shards changed?)"
+                )
+            rows = catalog.rows_of(index)
+            if pooler.skippable(rows):
+                features = None
+            else:
+                features = forward_batch(encoders, batch, device, precision, channels_last)
+            pooler.add(rows, features)
+            pos += len(index)
+            if progress:
+                progress(stage, pos - plan.s0, total)
     if pos != plan.s1:
         raise DataError(f"{shards.tars[0].parent}: extraction read {pos - plan.s0} samples, expected {total}")
     pooler.finish()
@@ -374,6 +353,34 @@ def extract_features(
     store = open_store(out, mode="r+")
     store.require_complete()
     return store
+
+
+def _check_encoders(encoders: Mapping[str, nn.Module], clip: ClipSpec) -> None:
+    """Refuse encoders or clips that cannot make a store."""
+    if not encoders or set(encoders) - {"video", "audio"}:
+        raise ConfigError(f"extract: encoders must be 'video' and/or 'audio', got {sorted(encoders)}")
+    if "video" in encoders and not clip.video:
+        raise ConfigError("extract: a video encoder needs clips with video (ClipSpec.video=True)")
+
+
+def _store_attrs(
+    attrs: Mapping[str, Any] | None, encoders: Mapping[str, nn.Module], clip: ClipSpec, samples: int
+) -> dict[str, Any]:
+    """The store's attributes: the caller's, the weights digest and the extraction parameters, which
+    together decide whether an existing store is this extraction's."""
+    return {
+        **(attrs or {}),
+        "checkpoint": weights_digest(encoders),
+        "modalities": sorted(encoders),
+        "extraction": {
+            "clip_frames": clip.length,
+            "stride": clip.stride,
+            "crop": clip.crop,
+            "short_side": clip.short_side,
+            "samples": samples,
+            "pooling": "mean of each segment's centre clip",
+        },
+    }
 
 
 def _open_or_create(
@@ -440,6 +447,39 @@ def forward_batch(
                 x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
             out[m] = encoder.forward_features(x).float().cpu().numpy()
     return out
+
+
+@contextmanager
+def eval_mode(encoders: Mapping[str, nn.Module]) -> Iterator[None]:
+    """The encoders in eval mode (batch-norm statistics frozen) inside, each one's own mode restored after."""
+    modes = {m: e.training for m, e in encoders.items()}
+    for e in encoders.values():
+        e.eval()
+    try:
+        yield
+    finally:
+        for m, e in encoders.items():
+            e.train(modes[m])
+
+
+def encoded_clips(
+    encoders: Mapping[str, nn.Module],
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    device: torch.device | str,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> Iterator[tuple[Mapping[str, torch.Tensor], dict[str, np.ndarray]]]:
+    """(batch, modality -> (B, d) float32 features) for every non-empty batch of a set's clips, the
+    encoders in eval mode: what the probe's clip means and the SVM protocol's clip rows are made of."""
+    device = torch.device(device)
+    with eval_mode(encoders):
+        for batch in loader:
+            if batch["index"].numel() == 0:
+                continue
+            with torch.inference_mode():
+                features = forward_batch(encoders, batch, device, precision, channels_last)
+            yield batch, features
 
 
 class _Pooler:

@@ -14,7 +14,6 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from trainer.data import ShardSet, eval_loader
 from trainer.evaluate.probe import (
@@ -24,7 +23,7 @@ from trainer.evaluate.probe import (
     multilabel_probe,
     usable_folds,
 )
-from trainer.extract import Catalog, forward_batch
+from trainer.extract import Catalog, encoded_clips
 from trainer.labels import num_classes, true_labels
 from xdctools.errors import DataError
 from xdctools.features.store import FeatureStore
@@ -174,21 +173,15 @@ def clip_means(
     rows = len(catalog.videos)
     sums = {m: np.zeros((rows, int(e.feature_dim)), np.float64) for m, e in encoders.items()}
     counts = np.zeros(rows, np.int64)
-    modes = {m: e.training for m, e in encoders.items()}
-    try:
-        for e in encoders.values():
-            e.eval()
-        with torch.inference_mode():
-            for step, batch_rows in enumerate(loader, 1):
-                at = catalog.rows_of(batch_rows["index"].numpy())
-                feats = forward_batch(encoders, batch_rows, s.device, model.precision, model.channels_last)
-                for m, x in feats.items():
-                    np.add.at(sums[m], at, x)
-                np.add.at(counts, at, 1)
-                s.tick(f"probe {clips}-clip {stage}", step, len(loader))
-    finally:
-        for m, e in encoders.items():
-            e.train(modes[m])
+    features = encoded_clips(
+        encoders, loader, device=s.device, precision=model.precision, channels_last=model.channels_last
+    )
+    for step, (batch_rows, feats) in enumerate(features, 1):
+        at = catalog.rows_of(batch_rows["index"].numpy())
+        for m, x in feats.items():
+            np.add.at(sums[m], at, x)
+        np.add.at(counts, at, 1)
+        s.tick(f"probe {clips}-clip {stage}", step, len(loader))
     if not (counts == clips).all():
         bad = np.flatnonzero(counts != clips)[:3].tolist()
         raise DataError(f"{shards.tars[0].parent}: rows {bad} got {counts[bad].tolist()} clips, not {clips}")
