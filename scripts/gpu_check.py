@@ -153,6 +153,9 @@ def plan(ctx: Context) -> list[Stage]:
              requires=("dali", "shard-tools")),
         test("test-faiss", "test_gpu_faiss.py", 60, "faiss-gpu k-means vs CPU (NMI), streamed GPU assignment",
              needs=(), requires=("faiss-gpu",)),
+        test("test-multi-gpu", "test_gpu_multi.py", 150, "every GPU: torchrun G ranks (nccl DDP step = plain "
+             "step on each), faiss k-means and streamed assignment on all GPUs = on one",
+             needs=(), requires=("multi-gpu",)),
         # DALI-loaded clips where DALI is here, synthetic tensors of the same shapes where not
         test("test-ddp", "test_gpu_ddp.py", 90, "torchrun, 1 process: nccl group, DDP step = plain step",
              requires=()),
@@ -177,7 +180,7 @@ def plan(ctx: Context) -> list[Stage]:
 
 
 # What a stage may require, and why it can be missing. Read from the env stage's env.json (gather_env).
-REQUIREMENTS = ("dali", "faiss-gpu", "faiss", "shard-tools")
+REQUIREMENTS = ("dali", "faiss-gpu", "faiss", "shard-tools", "multi-gpu")
 SHARD_MODULES = {"av": "PyAV", "librosa": "librosa", "webdataset": "webdataset", "ffmpeg": "ffmpeg-python"}
 DALI_SIZE = "788 MB installed for nvidia-dali-cuda120 2.4.0"
 
@@ -215,6 +218,11 @@ def unmet(requirement: str, env: dict[str, Any], image: bool) -> str | None:
         else:
             tail = "install xdctools[gpu] (faiss-gpu-cu12), not faiss-cpu: they are the same module"
         return f"{why}: {tail}"
+    if requirement == "multi-gpu":
+        count = env.get("torch", {}).get("device_count", 0)
+        if count >= 2:
+            return None
+        return f"torch sees {count} GPU(s) here: the multi-GPU case runs on a machine with 2 or more"
     if requirement == "shard-tools":
         modules = env.get("modules", {})
         lacking = [name for module, name in SHARD_MODULES.items() if not modules.get(module)]

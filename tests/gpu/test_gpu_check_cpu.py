@@ -230,7 +230,7 @@ def test_stage_list_names_every_command() -> None:
 
 # What the lent GPU's image has (env.json as gather_env writes it there): no DALI, faiss-cpu, no shard tools.
 IMAGE_ENV = {
-    "torch": {"version": "2.11.0+cu130", "cuda": "13.0", "available": True},
+    "torch": {"version": "2.11.0+cu130", "cuda": "13.0", "available": True, "device_count": 1},
     "dali": "error: ModuleNotFoundError: No module named 'nvidia.dali'",
     "faiss": {"version": "1.15.1", "gpus": 0, "gpu_build": False},
     "ffmpeg": "error: [Errno 2] No such file or directory: 'ffmpeg'",
@@ -256,8 +256,13 @@ def test_unmet_requirements_say_why() -> None:
         "building the check's shards needs PyAV, librosa, webdataset, ffmpeg-python, the ffmpeg and ffprobe "
         "programs, missing here (not carried: only the DALI stages use the shards)"
     )
+    assert runner.unmet("multi-gpu", IMAGE_ENV, image=True) == (
+        "torch sees 1 GPU(s) here: the multi-GPU case runs on a machine with 2 or more"
+    )
+    assert runner.unmet("multi-gpu", {}, image=False).startswith("torch sees 0 GPU(s) here")
     full = {
         **IMAGE_ENV,
+        "torch": {**IMAGE_ENV["torch"], "device_count": 2},
         "dali": "2.4.0",
         "faiss": {"version": "1.14.1", "gpus": 1, "gpu_build": True},
         "ffmpeg": "ffmpeg version 7.1",
@@ -293,7 +298,7 @@ def test_image_mode_skips_with_the_reason_and_runs_the_rest(tmp_path: Path) -> N
     records = runner.Results.load(ctx).records
     skipped = {n: r.summary for n, r in records.items() if r.status == "skipped"}
     assert set(skipped) == {
-        *("shards", "test-decode", "test-align", "test-faiss", "test-recipe"),
+        *("shards", "test-decode", "test-align", "test-faiss", "test-multi-gpu", "test-recipe"),
         *("bench-loader", "bench-seek", "bench-kmeans"),
     }
     assert skipped["test-decode"] == runner.unmet("dali", IMAGE_ENV, image=True)
