@@ -104,8 +104,17 @@ def _fmt_names(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def dataset_summary(dataset: dict, shards_dir: str | os.PathLike | None = None) -> str:
-    """The dataset.json summary as text: kind, classes, a table of sets, failures, parameters."""
+def _table_row(name: str, counts: dict, shards: int) -> str:
+    """One line of the sets table, shared by the sets and their total so the columns line up."""
+    return (
+        f"{name:<16}{counts.get('videos', 0):>8}{counts.get('ok', 0):>8}{counts.get('failed', 0):>8}"
+        f"{counts.get('samples', 0):>9}{shards:>8}{counts.get('hours', 0.0):>9.3f}"
+        f"{counts.get('bytes', 0) / 1e6:>10.2f}"
+    )
+
+
+def _summary_head(dataset: dict, shards_dir: str | os.PathLike | None) -> list[str]:
+    """What the folder is: where, which kind, which classes, and whether labels are multi-label."""
     lines = []
     if shards_dir is not None:
         lines.append(f"shards: {shards_dir}")
@@ -117,32 +126,31 @@ def dataset_summary(dataset: dict, shards_dir: str | os.PathLike | None = None) 
     lines.append(f"classes: {len(classes)}" + (f" ({_fmt_names(classes)})" if classes else ""))
     if dataset.get("multi_label"):
         lines.append("labels: multi-label (each video has a list of classes, in its labels.npy member)")
+    return lines
 
+
+def _summary_sets(dataset: dict) -> list[str]:
+    """The table of sets (with their splits), and a total row when there are several sets."""
     sets = dataset.get("sets") or {}
     header = (
         f"{'set':<16}{'videos':>8}{'ok':>8}{'failed':>8}{'samples':>9}{'shards':>8}{'hours':>9}{'MB':>10}"
     )
-    lines += ["", header]
+    lines = ["", header]
     for name, s in sets.items():
-        lines.append(
-            f"{name:<16}{s.get('videos', 0):>8}{s.get('ok', 0):>8}{s.get('failed', 0):>8}"
-            f"{s.get('samples', 0):>9}{len(s.get('shards', [])):>8}{s.get('hours', 0.0):>9.3f}"
-            f"{s.get('bytes', 0) / 1e6:>10.2f}"
-        )
+        lines.append(_table_row(name, s, len(s.get("shards", []))))
         split = s.get("split") or {}
         if split:
             lines.append(f"{'':<16}" + ", ".join(f"{k}={v}" for k, v in split.items()))
     totals = dataset.get("totals")
     if totals and len(sets) > 1:
-        shards = sum(len(s.get("shards", [])) for s in sets.values())
-        lines.append(
-            f"{'total':<16}{totals.get('videos', 0):>8}{totals.get('ok', 0):>8}{totals.get('failed', 0):>8}"
-            f"{totals.get('samples', 0):>9}{shards:>8}{totals.get('hours', 0.0):>9.3f}"
-            f"{totals.get('bytes', 0) / 1e6:>10.2f}"
-        )
+        lines.append(_table_row("total", totals, sum(len(s.get("shards", [])) for s in sets.values())))
+    return lines
 
+
+def _summary_failures(dataset: dict) -> list[str]:
+    """What did not make it into the shards: failures by reason, then videos missing on disk."""
     failures = dataset.get("failures_by_reason") or {}
-    lines.append("")
+    lines = [""]
     if failures:
         lines.append("failures by reason:")
         lines += [
@@ -150,10 +158,15 @@ def dataset_summary(dataset: dict, shards_dir: str | os.PathLike | None = None) 
         ]
     else:
         lines.append("failures by reason: none")
+    totals = dataset.get("totals")
     if totals and totals.get("missing"):
         lines.append(f"annotated but missing on disk: {totals['missing']}")
+    return lines
 
-    params = dataset.get("parameters") or {}
+
+def _summary_parameters(params: dict) -> list[str]:
+    """How the shards were made: shard and layout parameters, sample order, mel settings."""
+    lines = []
     shard = params.get("shard") or {}
     if shard:
         lines.append("parameters: " + ", ".join(f"{k}={v}" for k, v in shard.items()))
@@ -169,6 +182,13 @@ def dataset_summary(dataset: dict, shards_dir: str | os.PathLike | None = None) 
             f"({mel.get('mel_fps')} frames/s), window {mel.get('window_seconds')} s = "
             f"{mel.get('window_frames')} frames, pad {mel.get('mel_pad_seconds')} s each side"
         )
+    return lines
+
+
+def dataset_summary(dataset: dict, shards_dir: str | os.PathLike | None = None) -> str:
+    """The dataset.json summary as text: kind, classes, a table of sets, failures, parameters."""
+    lines = _summary_head(dataset, shards_dir) + _summary_sets(dataset) + _summary_failures(dataset)
+    lines += _summary_parameters(dataset.get("parameters") or {})
     return "\n".join(lines)
 
 
@@ -262,14 +282,10 @@ def sample_label(sample: Sample, classes: list[str] | None = None) -> str | None
 # --- the figure ----------------------------------------------------------------------------------
 
 
-def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *, classes=None, grid: int = 8):
-    """A matplotlib Figure: up to `grid` frames evenly spread over the segment (none for audio-only),
-    and the mel with a time axis in seconds and the segment's extent marked."""
+def _figure_layout(n: int):
+    """(Figure, grid, rows, cols) for `n` frames in up to 4 columns above the mel; margins fixed for speed."""
     from matplotlib.figure import Figure
 
-    info = sample.info or {}
-    timing = sample_timing(info) if info else Timing(0.0, 1 / fmt.MEL_FPS, 0.0, 0.0, None, 0)
-    n = 0 if frames is None else min(grid, len(frames))
     cols = min(n, 4) if n else 1
     rows = -(-n // cols) if n else 0
     height = 2.0 * rows + 3.2  # inches; fixed margins (constrained layout costs seconds per figure)
@@ -285,18 +301,23 @@ def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *,
         hspace=0.35,
         wspace=0.08,
     )
+    return fig, spec, rows, cols
 
-    if n:
-        picks = np.linspace(0, len(frames) - 1, n).round().astype(int)
-        for i, f in enumerate(picks):
-            ax = fig.add_subplot(spec[i // cols, i % cols])
-            ax.imshow(frames[f])
-            frame_no = timing.start_frame + int(f)
-            t = frame_no / timing.fps if timing.fps else 0.0
-            ax.set_title(f"frame {frame_no}  {float(t):.2f} s", fontsize=8)
-            ax.set_axis_off()
 
-    ax = fig.add_subplot(spec[rows, :])
+def _draw_frames(fig, spec, frames: np.ndarray, n: int, cols: int, timing: Timing) -> None:
+    """`n` frames spread over the segment, titled with frame number and time, to match them to the mel."""
+    picks = np.linspace(0, len(frames) - 1, n).round().astype(int)
+    for i, f in enumerate(picks):
+        ax = fig.add_subplot(spec[i // cols, i % cols])
+        ax.imshow(frames[f])
+        frame_no = timing.start_frame + int(f)
+        t = frame_no / timing.fps if timing.fps else 0.0
+        ax.set_title(f"frame {frame_no}  {float(t):.2f} s", fontsize=8)
+        ax.set_axis_off()
+
+
+def _draw_mel(fig, ax, mel: np.ndarray, timing: Timing) -> None:
+    """The mel on the source's time axis with the segment marked, so its context padding shows."""
     x0 = timing.mel_start - timing.mel_step / 2
     x1 = x0 + mel.shape[1] * timing.mel_step
     top = float(mel.max()) if mel.size else 0.0
@@ -313,6 +334,9 @@ def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *,
     ax.legend(loc="upper right", fontsize=7)
     fig.colorbar(im, ax=ax, label="dB", pad=0.01)
 
+
+def _figure_title(sample: Sample, info: dict, frames: np.ndarray | None, timing: Timing, classes) -> str:
+    """Key, label(s) and where the segment sits in its video, so a picture names what it shows."""
     meta = sample.meta
     labels = sample_labels(sample, classes)
     single = sample_label(sample, classes) or "no label"
@@ -329,7 +353,20 @@ def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *,
         )
     else:
         detail = f"audio only, {timing.end:.2f} s, {where}"
-    fig.suptitle(f"{sample.key}\n{label}\n{detail}", fontsize=9)
+    return f"{sample.key}\n{label}\n{detail}"
+
+
+def render_sample(sample: Sample, frames: np.ndarray | None, mel: np.ndarray, *, classes=None, grid: int = 8):
+    """A matplotlib Figure: up to `grid` frames evenly spread over the segment (none for audio-only),
+    and the mel with a time axis in seconds and the segment's extent marked."""
+    info = sample.info or {}
+    timing = sample_timing(info) if info else Timing(0.0, 1 / fmt.MEL_FPS, 0.0, 0.0, None, 0)
+    n = 0 if frames is None else min(grid, len(frames))
+    fig, spec, rows, cols = _figure_layout(n)
+    if n:
+        _draw_frames(fig, spec, frames, n, cols, timing)
+    _draw_mel(fig, fig.add_subplot(spec[rows, :]), mel, timing)
+    fig.suptitle(_figure_title(sample, info, frames, timing, classes), fontsize=9)
     return fig
 
 

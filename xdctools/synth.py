@@ -164,6 +164,89 @@ def _num_frames(seconds: float, fps: float) -> int:
     return max(1, round(seconds * fps))
 
 
+def _render_audio(
+    cls: ClassSpec, rng: np.random.Generator, t: np.ndarray, seconds: float, sample_rate: int
+) -> tuple[np.ndarray, float]:
+    """Tone under its rhythm, stray beep and hiss, in [-1, 1]; and the rhythm phase the shape shares."""
+    amp = rng.uniform(0.25, 0.6)
+    tone_phase = rng.uniform(0, 2 * math.pi)
+    detune = 1 + rng.uniform(-1, 1) * cls.max_detune
+    rhythm_phase = rng.uniform(0, 2 * math.pi)
+    hiss = rng.uniform(0.02, 0.1)
+    has_beep = rng.random() < 0.7
+    beep_hz = math.exp(rng.uniform(math.log(200.0), math.log(4000.0)))
+    beep_len = rng.uniform(0.15, 0.4)
+    beep_at = rng.uniform(0, max(seconds - beep_len, 0.0))
+    beep_amp = rng.uniform(0.2, 0.35)
+
+    audio = amp * _gate(t, cls.rhythm_hz, rhythm_phase)
+    audio = audio * _tone(t, cls.tone_hz * detune, cls.timbre, tone_phase, sample_rate)
+    if has_beep:
+        inside = (t >= beep_at) & (t < beep_at + beep_len)
+        ramp = np.sin(math.pi * np.clip((t - beep_at) / beep_len, 0, 1))  # no clicks at the edges
+        audio += inside * ramp * beep_amp * amp * np.sin(2 * math.pi * beep_hz * t)
+    audio += amp * hiss * rng.standard_normal(len(t))
+    return np.clip(audio, -1, 1).astype(np.float32), rhythm_phase
+
+
+def _background(rng: np.random.Generator, nt: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) float32 dark colour, gradient and grey noise, so scenes differ by video and frame."""
+    h, w = xx.shape
+    bg = rng.uniform(0, 90, size=3)
+    grad = rng.uniform(-20, 20, size=2)
+    noise_sigma = rng.uniform(0, 5)  # grey (luma) noise, new every frame
+    gradient = grad[0] * (xx / w - 0.5) + grad[1] * (yy / h - 0.5)
+    frames = np.empty((nt, h, w, 3), dtype=np.float32)
+    frames[:] = (bg[None, None, :] + gradient[..., None]).astype(np.float32)
+    frames += noise_sigma * rng.standard_normal((nt, h, w, 1), dtype=np.float32)
+    return frames
+
+
+def _draw_distractor(frames: np.ndarray, rng: np.random.Generator, t: np.ndarray) -> None:
+    """A square blinking in most videos: motion and colour that say nothing about the class."""
+    if rng.random() < 0.7:
+        h, w = frames.shape[1:3]
+        side = int(rng.integers(6, 13))
+        fx, fy = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+        colour = rng.uniform(60, 255, size=3).astype(np.float32)
+        blink = np.sin(2 * math.pi * rng.uniform(1, 6) * t + rng.uniform(0, 2 * math.pi)) > 0
+        frames[blink, fy : fy + side, fx : fx + side, :] = colour
+
+
+def _draw_shape(
+    frames: np.ndarray,
+    cls: ClassSpec,
+    rng: np.random.Generator,
+    t: np.ndarray,
+    rhythm_phase: float,
+    xx: np.ndarray,
+    yy: np.ndarray,
+) -> None:
+    """The class's visual half: its shape in its hue, moving, spinning, pulsing on the tone's rhythm."""
+    h, w = xx.shape
+    radius = min(w, h) * rng.uniform(0.12, 0.2)
+    hue = (cls.hue + rng.uniform(-1, 1) * cls.hue_jitter) % 1.0  # within the class's share of the wheel
+    rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.85, 1.0))) * 255
+    angle0 = rng.uniform(0, 2 * math.pi)
+    spin = rng.uniform(-1.5, 1.5)  # radians per second
+    x, y, scale = _trajectory(cls.motion, t, rng, w, h, radius * 1.35)
+    brightness = 0.55 + 0.45 * _gate(t, cls.rhythm_hz, rhythm_phase)
+    for i in range(len(t)):
+        r = radius * scale[i]
+        # Only the shape's bounding box is drawn: the norm is > 1 outside a radius of r.
+        x0, x1 = max(0, int(x[i] - r - 2)), min(w, int(x[i] + r + 3))
+        y0, y1 = max(0, int(y[i] - r - 2)), min(h, int(y[i] + r + 3))
+        if x0 >= x1 or y0 >= y1:
+            continue
+        a = angle0 + spin * t[i]
+        dx, dy = (xx[y0:y1, x0:x1] - x[i]) / r, (yy[y0:y1, x0:x1] - y[i]) / r
+        u = math.cos(a) * dx + math.sin(a) * dy
+        v = -math.sin(a) * dx + math.cos(a) * dy
+        alpha = np.clip((1 - _shape_norm(cls.shape, u, v)) * r + 0.5, 0, 1)[..., None]  # ~1 px soft edge
+        box = frames[i, y0:y1, x0:x1]
+        box += (rgb * brightness[i]).astype(np.float32) * alpha - box * alpha
+
+
 def render_video(
     cls: ClassSpec,
     rng: np.random.Generator,
@@ -176,74 +259,15 @@ def render_video(
     """One video of class `cls`: frames uint8 (T, H, W, 3) RGB, T = round(seconds*fps); audio float32
     (round(seconds*sample_rate),) mono in [-1, 1]. All nuisance comes from `rng`, in a fixed order."""
     w, h = size
-    nt = _num_frames(seconds, fps)
-    ns = max(1, round(seconds * sample_rate))
-    t_frames = np.arange(nt, dtype=np.float64) / fps
-    t_audio = np.arange(ns, dtype=np.float64) / sample_rate
-
-    # Audio nuisance first, then the shared rhythm phase, then the visual nuisance.
-    amp = rng.uniform(0.25, 0.6)
-    tone_phase = rng.uniform(0, 2 * math.pi)
-    detune = 1 + rng.uniform(-1, 1) * cls.max_detune
-    rhythm_phase = rng.uniform(0, 2 * math.pi)
-    hiss = rng.uniform(0.02, 0.1)
-    has_beep = rng.random() < 0.7
-    beep_hz = math.exp(rng.uniform(math.log(200.0), math.log(4000.0)))
-    beep_len = rng.uniform(0.15, 0.4)
-    beep_at = rng.uniform(0, max(seconds - beep_len, 0.0))
-    beep_amp = rng.uniform(0.2, 0.35)
-
-    audio = amp * _gate(t_audio, cls.rhythm_hz, rhythm_phase)
-    audio = audio * _tone(t_audio, cls.tone_hz * detune, cls.timbre, tone_phase, sample_rate)
-    if has_beep:
-        inside = (t_audio >= beep_at) & (t_audio < beep_at + beep_len)
-        ramp = np.sin(math.pi * np.clip((t_audio - beep_at) / beep_len, 0, 1))  # no clicks at the edges
-        audio += inside * ramp * beep_amp * amp * np.sin(2 * math.pi * beep_hz * t_audio)
-    audio += amp * hiss * rng.standard_normal(ns)
-    audio = np.clip(audio, -1, 1).astype(np.float32)
-
-    # Background: a dark colour, a linear gradient, per-frame noise.
-    bg = rng.uniform(0, 90, size=3)
-    grad = rng.uniform(-20, 20, size=2)
-    noise_sigma = rng.uniform(0, 5)  # grey (luma) noise, new every frame
+    t_frames = np.arange(_num_frames(seconds, fps), dtype=np.float64) / fps
+    t_audio = np.arange(max(1, round(seconds * sample_rate)), dtype=np.float64) / sample_rate
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    gradient = grad[0] * (xx / w - 0.5) + grad[1] * (yy / h - 0.5)
-    frames = np.empty((nt, h, w, 3), dtype=np.float32)
-    frames[:] = (bg[None, None, :] + gradient[..., None]).astype(np.float32)
-    frames += noise_sigma * rng.standard_normal((nt, h, w, 1), dtype=np.float32)
 
-    # Distractor: a small square blinking at a random rate in a random colour.
-    if rng.random() < 0.7:
-        side = int(rng.integers(6, 13))
-        fx, fy = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-        colour = rng.uniform(60, 255, size=3).astype(np.float32)
-        blink = np.sin(2 * math.pi * rng.uniform(1, 6) * t_frames + rng.uniform(0, 2 * math.pi)) > 0
-        frames[blink, fy : fy + side, fx : fx + side, :] = colour
-
-    # The class shape: its hue (jittered within the class's share of the wheel), moving, spinning,
-    # brightness following the tone's rhythm.
-    radius = min(w, h) * rng.uniform(0.12, 0.2)
-    hue = (cls.hue + rng.uniform(-1, 1) * cls.hue_jitter) % 1.0
-    rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.85, 1.0))) * 255
-    angle0 = rng.uniform(0, 2 * math.pi)
-    spin = rng.uniform(-1.5, 1.5)  # radians per second
-    x, y, scale = _trajectory(cls.motion, t_frames, rng, w, h, radius * 1.35)
-    brightness = 0.55 + 0.45 * _gate(t_frames, cls.rhythm_hz, rhythm_phase)
-    for i in range(nt):
-        r = radius * scale[i]
-        # Only the shape's bounding box is drawn: the norm is > 1 outside a radius of r.
-        x0, x1 = max(0, int(x[i] - r - 2)), min(w, int(x[i] + r + 3))
-        y0, y1 = max(0, int(y[i] - r - 2)), min(h, int(y[i] + r + 3))
-        if x0 >= x1 or y0 >= y1:
-            continue
-        a = angle0 + spin * t_frames[i]
-        dx, dy = (xx[y0:y1, x0:x1] - x[i]) / r, (yy[y0:y1, x0:x1] - y[i]) / r
-        u = math.cos(a) * dx + math.sin(a) * dy
-        v = -math.sin(a) * dx + math.cos(a) * dy
-        alpha = np.clip((1 - _shape_norm(cls.shape, u, v)) * r + 0.5, 0, 1)[..., None]  # ~1 px soft edge
-        box = frames[i, y0:y1, x0:x1]
-        box += (rgb * brightness[i]).astype(np.float32) * alpha - box * alpha
-
+    # Audio nuisance first (the shared rhythm phase among it), then the visual nuisance.
+    audio, rhythm_phase = _render_audio(cls, rng, t_audio, seconds, sample_rate)
+    frames = _background(rng, len(t_frames), xx, yy)
+    _draw_distractor(frames, rng, t_frames)
+    _draw_shape(frames, cls, rng, t_frames, rhythm_phase, xx, yy)
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8), audio
 
 

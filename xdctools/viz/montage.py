@@ -545,6 +545,118 @@ def _write_files(folder: Path, files: dict[str, bytes]) -> None:
         (folder / name).write_bytes(data)
 
 
+def _check_options(pick: str, per_cluster: int, height: int) -> None:
+    """Reject bad options before anything is read, so a typo costs no shard reading."""
+    if pick not in PICKS:
+        raise ConfigError(f"--pick must be one of {', '.join(PICKS)}, got {pick!r}")
+    if per_cluster < 1 or height < 16:
+        raise ConfigError(f"--per-cluster must be >= 1 and --height >= 16 (got {per_cluster}, {height})")
+
+
+def _read_members(
+    result: Clusters,
+    shards: FirstSegments,
+    shown: Sequence[Row],
+    per_cluster: int,
+    *,
+    distances: np.ndarray | None,
+    seed: int,
+    modality: str,
+) -> dict[int, list[ShownVideo]]:
+    """cluster -> its shown members, each first segment read once; DataError if none has what is drawn."""
+    chosen = pick_members(
+        result.labels, [r.cluster for r in shown], per_cluster, distances=distances, seed=seed
+    )
+    members = {c: [ShownVideo(int(i), int(result.index[i])) for i in idx] for c, idx in chosen.items()}
+    flat = [m for ms in members.values() for m in ms]
+    shards.fill(flat, frames=modality != "audio", mel=modality != "video")
+    if not any(m.frame is not None or m.mel is not None for m in flat):
+        what = "video" if modality == "video" else "mel"
+        raise DataError(f"{shards.root}: the shown members have no {what} member (try another --modality)")
+    return members
+
+
+def _row_pictures(
+    members: dict[int, list[ShownVideo]], height: int
+) -> tuple[dict[int, np.ndarray], dict[int, Picture]]:
+    """cluster -> its row image, and -> that image's Picture, which the page needs to place captions."""
+    size = {"height": height, "mel_height": max(16, height // 2), "audio_width": 2 * height}
+    tiles = {c: [member_tile(m, **size) for m in ms] for c, ms in members.items()}
+    images = {c: row_image(t) for c, t in tiles.items()}
+    pictures = {
+        c: Picture(img.shape[1], img.shape[0], tuple(t.shape[1] for t in tiles[c]))
+        for c, img in images.items()
+    }
+    return images, pictures
+
+
+def _page_meta(
+    summary: MontageSummary, result: Clusters, shards: FirstSegments, per_cluster: int, seed: int
+) -> list[str]:
+    """The page's header lines, so the page says on its own what was clustered, shown, and ranked how."""
+    how = "nearest to the centroid" if summary.pick == "nearest" else f"drawn at random (seed {seed})"
+    ranking = (
+        f"ranked by purity against the shards' labels ({summary.labelled} labelled videos, "
+        f"overall purity {summary.purity:.3f})"
+        if summary.purity is not None
+        else "no true labels in the shards: ranked by size"
+    )
+    return [
+        f"clusters: {result.path} (view {result.view or '?'}, k={result.k}, {summary.rows} videos)",
+        f"shards: {shards.root}, set {shards.name}; showing the {_SHOWING[summary.modality]}",
+        f"{summary.shown} of {summary.clusters} non-empty clusters shown; members: up to {per_cluster} {how}",
+        ranking,
+    ]
+
+
+def _montage_numbers(
+    summary: MontageSummary,
+    result: Clusters,
+    shards: FirstSegments,
+    seed: int,
+    shown: Sequence[Row],
+    members: dict[int, list[ShownVideo]],
+) -> dict:
+    """montage.json: summary, inputs and shown rows with their members, so nobody has to parse the page."""
+    return {
+        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items() if k != "files"},
+        "clusters_dir": str(result.path),
+        "shards": str(shards.root),
+        "set": shards.name,
+        "seed": seed,
+        "k": result.k,
+        "class_names": shards.classes,
+        "hidden": summary.clusters - summary.shown,
+        "shown_rows": [
+            {
+                **asdict(r),
+                "classes": [[c, f] for c, f in r.classes],
+                "members": [{"video": m.video, "key": m.key, "label": m.label} for m in members[r.cluster]],
+                "image": row_file(r.cluster),
+            }
+            for r in shown
+        ],
+    }
+
+
+def _montage_files(
+    images: dict[int, np.ndarray],
+    head: Sequence[Row],
+    tail: Sequence[Row],
+    names: Sequence[str] | None,
+    numbers: dict,
+    page: str,
+) -> dict[str, bytes]:
+    """Every output file's bytes by name, made before writing so the folder appears whole or not at all."""
+    shown = [*head, *tail]
+    files = {row_file(c): _png_bytes(img) for c, img in images.items()}
+    if len(shown) <= MAX_MONTAGE_ROWS:
+        files["montage.png"] = _montage_png(shown, len(head) - 1 if tail else None, images, names)
+    files["montage.json"] = (json.dumps(numbers, indent=1) + "\n").encode()
+    files["index.html"] = page.encode("utf-8")
+    return files
+
+
 def write_montage(
     clusters_dir: str | os.PathLike,
     shards_dir: str | os.PathLike,
@@ -567,10 +679,7 @@ def write_montage(
     "nearest" to the centroid (a seeded draw when there is no distances.npy) or "random" (seeded).
     height: pixels of a member's frame (its mel is half as high).
     """
-    if pick not in PICKS:
-        raise ConfigError(f"--pick must be one of {', '.join(PICKS)}, got {pick!r}")
-    if per_cluster < 1 or height < 16:
-        raise ConfigError(f"--per-cluster must be >= 1 and --height >= 16 (got {per_cluster}, {height})")
+    _check_options(pick, per_cluster, height)
     out = Path(out)
     check_new_folder(out, overwrite)
     result = read_clusters(clusters_dir)
@@ -589,49 +698,12 @@ def write_montage(
 
     # Members: nearest to the centroid (or a seeded draw); each member's first segment read once.
     distances = result.distances if pick == "nearest" else None
-    chosen = pick_members(
-        result.labels, [r.cluster for r in shown], per_cluster, distances=distances, seed=seed
+    members = _read_members(
+        result, shards, shown, per_cluster, distances=distances, seed=seed, modality=modality
     )
-    members = {c: [ShownVideo(int(i), int(result.index[i])) for i in idx] for c, idx in chosen.items()}
-    flat = [m for ms in members.values() for m in ms]
-    shards.fill(flat, frames=modality != "audio", mel=modality != "video")
-    if not any(m.frame is not None or m.mel is not None for m in flat):
-        what = "video" if modality == "video" else "mel"
-        raise DataError(f"{shards.root}: the shown members have no {what} member (try another --modality)")
 
     # Pictures, page and numbers.
-    size = {"height": height, "mel_height": max(16, height // 2), "audio_width": 2 * height}
-    tiles = {c: [member_tile(m, **size) for m in ms] for c, ms in members.items()}
-    images = {c: row_image(t) for c, t in tiles.items()}
-    overall = purity(truth, result.labels) if labelled else None
-    how = "nearest to the centroid" if distances is not None else f"drawn at random (seed {seed})"
-    ranking = (
-        f"ranked by purity against the shards' labels ({labelled} labelled videos, "
-        f"overall purity {overall:.3f})"
-        if overall is not None
-        else "no true labels in the shards: ranked by size"
-    )
-    meta = [
-        f"clusters: {result.path} (view {result.view or '?'}, k={result.k}, {int(kept.sum())} videos)",
-        f"shards: {shards.root}, set {shards.name}; showing the {_SHOWING[modality]}",
-        f"{len(shown)} of {len(rows)} non-empty clusters shown; members: up to {per_cluster} {how}",
-        ranking,
-    ]
-    pictures = {
-        c: Picture(img.shape[1], img.shape[0], tuple(t.shape[1] for t in tiles[c]))
-        for c, img in images.items()
-    }
-    hidden = len(rows) - len(shown)
-    page = render_html(
-        head,
-        tail,
-        members,
-        pictures,
-        names=shards.classes,
-        title=f"Clusters of {result.path.name}",
-        meta=meta,
-        hidden=hidden,
-    )
+    images, pictures = _row_pictures(members, height)
     summary = MontageSummary(
         out=out,
         clusters=len(rows),
@@ -639,35 +711,19 @@ def write_montage(
         shown=len(shown),
         rows=int(kept.sum()),
         labelled=labelled,
-        purity=overall,
+        purity=purity(truth, result.labels) if labelled else None,
         modality=modality,
         pick="nearest" if distances is not None else "random",
     )
-    numbers = {
-        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items() if k != "files"},
-        "clusters_dir": str(result.path),
-        "shards": str(shards.root),
-        "set": shards.name,
-        "seed": seed,
-        "k": result.k,
-        "class_names": shards.classes,
-        "hidden": hidden,
-        "shown_rows": [
-            {
-                **asdict(r),
-                "classes": [[c, f] for c, f in r.classes],
-                "members": [{"video": m.video, "key": m.key, "label": m.label} for m in members[r.cluster]],
-                "image": row_file(r.cluster),
-            }
-            for r in shown
-        ],
-    }
+    meta = _page_meta(summary, result, shards, per_cluster, seed)
+    title = f"Clusters of {result.path.name}"
+    hidden = len(rows) - len(shown)
+    page = render_html(
+        head, tail, members, pictures, names=shards.classes, title=title, meta=meta, hidden=hidden
+    )
+    numbers = _montage_numbers(summary, result, shards, seed, shown, members)
 
     # Everything goes to disk at once, under a temporary name renamed into place.
-    files = {row_file(c): _png_bytes(img) for c, img in images.items()}
-    if len(shown) <= MAX_MONTAGE_ROWS:
-        files["montage.png"] = _montage_png(shown, len(head) - 1 if tail else None, images, shards.classes)
-    files["montage.json"] = (json.dumps(numbers, indent=1) + "\n").encode()
-    files["index.html"] = page.encode("utf-8")
+    files = _montage_files(images, head, tail, shards.classes, numbers, page)
     write_folder(out, lambda tmp: _write_files(tmp, files), overwrite=overwrite)
     return replace(summary, files=tuple(sorted(files)))
