@@ -280,7 +280,7 @@ def _checked_clips(
     return clips
 
 
-def _read_members(shards: ShardSet, clip: ClipSpec, run: Runtime, train: bool):
+def _webdataset_members(shards: ShardSet, clip: ClipSpec, run: Runtime, train: bool):
     """DALI's webdataset reader of this rank's samples: (info, mel[, video]) members, shuffled to train."""
     from nvidia.dali import fn
 
@@ -327,7 +327,7 @@ def build_pipeline(
         prefetch_queue_depth=run.prefetch_queue_depth,
     )
     with pipe:
-        members = _read_members(shards, clip, run, train)
+        members = _webdataset_members(shards, clip, run, train)
         info = fn.decoders.numpy(members[0])
         mel = fn.decoders.numpy(members[1])
         fields = _sample_fields(info)
@@ -542,7 +542,7 @@ def _video_clips(encoded, starts, ids, clip: ClipSpec, run: Runtime, mode: Mode,
 
 
 @dataclass
-class _Loader:
+class _DaliLoader:
     """Wraps a pipeline in DALIGenericIterator; iterating yields one epoch of dicts of torch tensors."""
 
     pipe: object
@@ -641,11 +641,11 @@ def _first(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-class TrainLoader(_Loader):
+class TrainLoader(_DaliLoader):
     """Exactly `len(self)` = epoch_size // (batch * world_size) batches per epoch on every rank."""
 
 
-class ExtractLoader(_Loader):
+class ExtractLoader(_DaliLoader):
     """Each of this rank's samples once per epoch, in `keys` order; the padding DALI adds is dropped."""
 
     @property
@@ -653,7 +653,7 @@ class ExtractLoader(_Loader):
         return self.shards.rank_keys(self.run.rank, self.run.world_size)
 
 
-class EvalLoader(_Loader):
+class EvalLoader(_DaliLoader):
     """Rows are clips: (video, clip) pairs, each video's clips in order; `len` counts segment batches."""
 
     def _rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

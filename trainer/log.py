@@ -365,7 +365,7 @@ def write_report(run_dir: str | os.PathLike, recipe: Recipe, summary: Mapping[st
     known = {"status", "seconds", "data", "hardware", "final", "effective"}
     extra = {k: v for k, v in summary.items() if k not in known}
     if extra:
-        lines += ["", "## Other", "", *(f"- {k}: {_fmt(v)}" for k, v in extra.items())]
+        lines += ["", "## Other", "", *(f"- {k}: {_show(v)}" for k, v in extra.items())]
     return write_bytes_atomic(run_dir / REPORT_FILE, ("\n".join(lines) + "\n").encode())
 
 
@@ -382,8 +382,9 @@ def _what_was_run(run_dir: Path, recipe: Recipe, digest: str, summary: Mapping[s
     if recipe.clustering is not None:
         c = recipe.clustering
         out.append(
-            f"- clustering: k {c.k_text}, {c.niter} k-means iterations, spherical {_fmt(c.spherical)}, pca "
-            f"{_fmt(c.pca)}, uniform sampling {_fmt(c.uniform_sampling)}, reseed empty {_fmt(c.reseed_empty)}"
+            f"- clustering: k {c.k_text}, {c.niter} k-means iterations, spherical {_show(c.spherical)}, "
+            f"pca {_show(c.pca)}, uniform sampling {_show(c.uniform_sampling)}, "
+            f"reseed empty {_show(c.reseed_empty)}"
         )
     if recipe.retrain is not None:
         r = recipe.retrain
@@ -400,18 +401,19 @@ def _what_was_run(run_dir: Path, recipe: Recipe, digest: str, summary: Mapping[s
     if recipe.clustering is not None and recipe.clustering.last_iteration is not None:
         given = recipe.clustering.last_iteration.given()
         if given:
-            out.append(f"- last iteration overrides: {', '.join(f'{k} {_fmt(v)}' for k, v in given.items())}")
+            overrides = ", ".join(f"{k} {_show(v)}" for k, v in given.items())
+            out.append(f"- last iteration overrides: {overrides}")
     effective = summary.get("effective")
     if effective:
         out.append(f"- effective schedule: {effective_line(effective)}")
         if "last_iteration" in effective:
             out.append(f"- effective schedule, last iteration: {effective_line(effective['last_iteration'])}")
     if summary.get("data"):
-        out.append(f"- data found: {_fmt(summary['data'])}")
+        out.append(f"- data found: {_show(summary['data'])}")
     hardware = summary.get("hardware") or hardware_info()
-    out.append(f"- hardware: {_fmt(hardware)}")
+    out.append(f"- hardware: {_show(hardware)}")
     if summary.get("seconds") is not None:
-        out.append(f"- wall time: {_duration(float(summary['seconds']))}")
+        out.append(f"- wall time: {_hms(float(summary['seconds']))}")
     return out
 
 
@@ -445,7 +447,7 @@ def _training_table(records: list[dict[str, Any]]) -> list[str]:
         last, end = epochs.get(it, {}), done.get(it, {})
         n = end.get("epochs", last.get("epoch", ""))
         stopped = {True: "yes", False: "no"}.get(end.get("stopped_early"), "")
-        rows.append([str(it), _fmt(n), stopped, *(_fmt(last.get(k, "")) for k in keys)])
+        rows.append([str(it), _show(n), stopped, *(_show(last.get(k, "")) for k in keys)])
     return _table(header, rows)
 
 
@@ -461,13 +463,13 @@ def _cluster_table(records: list[dict[str, Any]]) -> list[str]:
         )
         rows.append(
             [
-                _fmt(r.get("iteration", "")),
+                _show(r.get("iteration", "")),
                 str(r.get("view", "")),
-                _fmt(r.get("k", sizes.size or "")),
-                _fmt(empty),
+                _show(r.get("k", sizes.size or "")),
+                _show(empty),
                 *stats,
-                _fmt(r.get("nmi", "")),
-                _fmt(r.get("purity", "")),
+                _show(r.get("nmi", "")),
+                _show(r.get("purity", "")),
             ]
         )
     header = ["iteration", "view", "k", "empty", "min size", "median", "max size", "NMI", "purity"]
@@ -480,15 +482,15 @@ def _probe_table(records: list[dict[str, Any]]) -> list[str]:
     for r in records:
         if r["event"] == "probe" and _is_number(r.get("accuracy", r.get("map"))):
             name = str(r.get("modality", "?")) + (" mAP" if "map" in r else "")
-            value = _fmt(r.get("accuracy", r.get("map")))
+            value = _show(r.get("accuracy", r.get("map")))
             if _is_number(r.get("se")):
-                value += f" ± {_fmt(r['se'])}"
+                value += f" ± {_show(r['se'])}"
             table[int(r.get("iteration", 0))][name] = value
             if name not in modalities:
                 modalities.append(name)
     if not table:
         return []
-    rows = [[str(it), *(_fmt(table[it].get(m, "")) for m in modalities)] for it in sorted(table)]
+    rows = [[str(it), *(_show(table[it].get(m, "")) for m in modalities)] for it in sorted(table)]
     return _table(["iteration", *modalities], rows)
 
 
@@ -497,9 +499,9 @@ def _mapping_table(final: Mapping[str, Any]) -> list[str]:
         columns: list[str] = []
         for row in final.values():
             columns += [c for c in row if c not in columns]
-        rows = [[str(name), *(_fmt(row.get(c, "")) for c in columns)] for name, row in final.items()]
+        rows = [[str(name), *(_show(row.get(c, "")) for c in columns)] for name, row in final.items()]
         return _table(["", *columns], rows)
-    return _table(["", "value"], [[str(k), _fmt(v)] for k, v in final.items()])
+    return _table(["", "value"], [[str(k), _show(v)] for k, v in final.items()])
 
 
 def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
@@ -508,19 +510,20 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return out
 
 
-def _fmt(value: Any) -> str:
+def _show(value: Any) -> str:
+    """A value as the report shows it: yes / no / - for flags and none, 4 significant digits for floats."""
     if isinstance(value, bool) or value is None:
         return {True: "yes", False: "no", None: "-"}[value]
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, Mapping):
-        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+        return ", ".join(f"{k} {_show(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
+        return ", ".join(_show(v) for v in value)
     return str(value)
 
 
-def _duration(seconds: float) -> str:
+def _hms(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"

@@ -283,7 +283,7 @@ def _cluster(
     gpus = resolve_gpus(params.gpu)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    rows, x = _sample(source, params, block_rows, progress)
+    rows, x = _training_sample(source, params, block_rows, progress)
     timings["sample_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -337,7 +337,7 @@ def _cluster(
     )
 
 
-def _sample(
+def _training_sample(
     source: RowSource, params: KMeansParams, block_rows: int | None, progress: Progress | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, their features): the uniform sample k-means trains on, read chunk by chunk. Non-finite

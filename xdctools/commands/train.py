@@ -37,7 +37,7 @@ def recipe_arguments(example: str) -> Callable[[Callable[..., Any]], Callable[..
     return decorate
 
 
-def _fmt(value: Any) -> str:
+def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.3f}"
     return "-" if value is None else str(value)
@@ -53,7 +53,7 @@ def format_result(result: Any, iterations: int) -> str:
     table = [header]
     for row in rows:
         name = "final" if row["iteration"] >= iterations else str(row["iteration"])
-        table.append([name, *(_fmt(row.get(c)) for c in columns)])
+        table.append([name, *(_cell(row.get(c)) for c in columns)])
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in table]
     minutes = result.seconds / 60

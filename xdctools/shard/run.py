@@ -243,7 +243,7 @@ def parameter_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _duration(result: Any) -> float:
+def _video_seconds(result: Any) -> float:
     meta = getattr(result, "meta", None) or {}
     return float(meta.get("duration_s") or 0.0)
 
@@ -491,7 +491,7 @@ def _write_unit(
             if result.ok and result.samples:
                 writer.write_video(result.samples)
                 ok += 1
-                seconds += _duration(result)
+                seconds += _video_seconds(result)
                 counts.ok += 1
             else:
                 failures.append(_failure_entry(job, result))

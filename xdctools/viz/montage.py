@@ -553,7 +553,7 @@ def _check_options(pick: str, per_cluster: int, height: int) -> None:
         raise ConfigError(f"--per-cluster must be >= 1 and --height >= 16 (got {per_cluster}, {height})")
 
 
-def _read_members(
+def _shown_members(
     result: Clusters,
     shards: FirstSegments,
     shown: Sequence[Row],
@@ -698,7 +698,7 @@ def write_montage(
 
     # Members: nearest to the centroid (or a seeded draw); each member's first segment read once.
     distances = result.distances if pick == "nearest" else None
-    members = _read_members(
+    members = _shown_members(
         result, shards, shown, per_cluster, distances=distances, seed=seed, modality=modality
     )
 
