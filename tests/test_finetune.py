@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -476,6 +477,18 @@ run: {{out: {out}, keep_checkpoints: 2}}
         ]
     md = (out / "results.md").read_text()
     assert "| Method | Pretraining | TINY video all |" in md and "| Scratch | None |" in md and "**lr " in md
+
+    # the same pair in another folder writes the same checkpoint bytes: every RNG it saves was seeded
+    random.random(), np.random.random()  # whatever this process drew before does not matter
+    again = tmp_path / "again"
+    result = runner.invoke(
+        finetune, [str(path), "--lr-sweep", "--set", "optim.lrs=[0.05]", "--set", f"run.out={again}"]
+    )
+    assert result.exit_code == 0, result.output
+    first = list_checkpoints(out / "tiny-video" / "scratch" / "full" / "lr0.05" / "split1")
+    second = list_checkpoints(again / "tiny-video" / "scratch" / "full" / "lr0.05" / "split1")
+    assert first and [c[:2] for c in first] == [c[:2] for c in second]
+    assert all(a[2].read_bytes() == b[2].read_bytes() for a, b in zip(first, second, strict=True))
 
     # a rerun skips what is done; a lost result resumes from the last epoch's checkpoint
     folder = out / "tiny-video" / "scratch" / "full" / "lr0.05" / "split1"

@@ -157,6 +157,14 @@ def unpack_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy().copy()
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators: torch's alone decides the weights, but a
+    checkpoint saves all three (`rng_state`), so a rerun writes the same bytes only when all are seeded."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """The global RNG states of torch (CPU and every CUDA device), numpy and `random`, weights_only-safe."""
     version, mt, gauss = random.getstate()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainer import distributed
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, seed_all
 from trainer.data import ClipSpec, Runtime, ShardSet, find_shards, warn_if_name_ordered
 from trainer.extract import Catalog, read_catalog
 from trainer.labels import fixed_labels
@@ -202,7 +202,7 @@ def build_learner(recipe: Recipe, classes: Mapping[str, int]) -> Learner:
 
     `classes`: the number of classes of each label view the heads learn (k of a clustering view).
     """
-    torch.manual_seed(recipe.seed)
+    seed_all(recipe.seed)
     m = recipe.model
     builders = {
         "video": lambda: r2plus1d_18(width=m.width, layout=m.video_layout),

@@ -51,6 +51,7 @@ from trainer.checkpoint import (
     prune_checkpoints,
     rng_state,
     save_checkpoint,
+    seed_all,
     set_rng_state,
 )
 from trainer.data import eval_loader, train_loader
@@ -283,7 +284,7 @@ def start_training(ctx: _Context, pair: _Pair) -> _Training:
     """The encoder from the checkpoint (or random) and a fresh linear head, SGD on what may learn, resumed
     from the pair's last finished epoch if any; a fresh pair's metrics open with its schedule."""
     recipe, dist = ctx.recipe, ctx.dist
-    torch.manual_seed(recipe.seed)
+    seed_all(recipe.seed)
     encoder, _ = build_encoder(recipe)
     model = make_classifier(encoder, len(ctx.classes), recipe.mode, recipe.model.head_norm).to(dist.device)
     optimizer, scheduler = make_optimizer(model, recipe, pair.lr, dist.world_size)
