@@ -470,8 +470,9 @@ def encoded_clips(
     precision: str = "fp32",
     channels_last: bool = False,
 ) -> Iterator[tuple[Mapping[str, torch.Tensor], dict[str, np.ndarray]]]:
-    """(batch, modality -> (B, d) float32 features) for every non-empty batch of a set's clips, the
-    encoders in eval mode: what the probe's clip means and the SVM protocol's clip rows are made of."""
+    """(batch, modality -> (B, d) float32 features) for every non-empty batch of a set's clips, every
+    encoder over one decoding, in eval mode: what the probe's clip means are summed from as they stream.
+    (One encoder's rows collected whole: `trainer.evaluate.scoring.forward_clips`.)"""
     device = torch.device(device)
     with eval_mode(encoders):
         for batch in loader:

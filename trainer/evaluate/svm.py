@@ -37,6 +37,7 @@ from trainer import distributed, sampling
 from trainer.data import eval_loader
 from trainer.evaluate.encoders import EncoderSource, build_encoder
 from trainer.evaluate.run import Progress, entry_record, finish_run, start_run, write_recipe
+from trainer.evaluate.scoring import forward_clips
 from trainer.evaluate.splits import (
     Split,
     check_set_labels,
@@ -45,7 +46,6 @@ from trainer.evaluate.splits import (
     loader_runtime,
     open_sets,
 )
-from trainer.extract import encoded_clips
 from xdctools.errors import ConfigError, DataError
 from xdctools.eval_recipe import EvalRecipe
 
@@ -88,17 +88,19 @@ def extract_clip_features(
     precision: str = "fp32",
 ) -> ClipFeatures:
     """`encoder.forward_features` of every clip the loader yields, the encoder in eval mode."""
-    feats, files, clips, labels = [], [], [], []
-    for batch, out in encoded_clips({modality: encoder}, loader, device=device, precision=precision):
-        feats.append(out[modality])
-        files.append(batch["index"].numpy())
-        clips.append(batch["clip"].numpy())
-        labels.append(batch["label"].numpy())
-    if not feats:
+    encoder.eval()
+    rows = forward_clips(
+        encoder.forward_features,
+        lambda f: f.float(),
+        loader,
+        modality=modality,
+        device=device,
+        precision=precision,
+    )
+    if rows is None:
         dim = int(getattr(encoder, "feature_dim", 0))
         return ClipFeatures(np.zeros((0, dim), np.float32), *(np.zeros(0, np.int64) for _ in range(3)))
-    ints = (np.concatenate(x).astype(np.int64) for x in (files, clips, labels))
-    return ClipFeatures(np.concatenate(feats).astype(np.float32), *ints)
+    return ClipFeatures(*rows)
 
 
 def gather_features(part: ClipFeatures) -> ClipFeatures:
