@@ -57,11 +57,17 @@ def flops(model: torch.nn.Module, x: torch.Tensor, backward: bool) -> float:
     return float(counter.get_total_flops())
 
 
-def clip_flops(recipe: Recipe) -> dict[str, float]:
+def encoders(recipe: Recipe) -> dict[str, torch.nn.Module]:
+    """The recipe's video and audio encoders, as the training loop builds them."""
+    return {
+        "video": r2plus1d_18(width=recipe.model.width, layout=recipe.model.video_layout),
+        "audio": resnet18_audio(width=recipe.model.width),
+    }
+
+
+def clip_flops(recipe: Recipe, video: torch.nn.Module, audio: torch.nn.Module) -> dict[str, float]:
     """Per encoder: FLOPs of a training clip (forward + backward) and of an extraction segment's clip."""
     d = recipe.data
-    video = r2plus1d_18(width=recipe.model.width, layout=recipe.model.video_layout)
-    audio = resnet18_audio(width=recipe.model.width)
     v = torch.randn(1, 3, d.clip_frames, d.crop, d.crop)
     a = torch.randn(1, 1, fmt.N_MELS, fmt.WINDOW_FRAMES)
     return {
@@ -79,7 +85,7 @@ def training_clips(recipe: Recipe) -> int:
     )
 
 
-def kmeans_madds(recipe: Recipe, rows: int, dims: dict[str, float]) -> tuple[float, float]:
+def kmeans_madds(recipe: Recipe, rows: int, dims: dict[str, int]) -> tuple[float, float]:
     """(training, assignment) multiply-adds of one iteration's k-means over all clustered views."""
     c = recipe.clustering
     train = assign = 0.0
@@ -94,9 +100,10 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, float | str]]:
     out = []
     for ds in DATASETS:
         recipe = load_recipe(ROOT / "recipes" / "pretrain" / ds.recipe)
-        f = clip_flops(recipe)
-        dims = {"video": 512 * recipe.model.width, "audio": 512 * recipe.model.width}
+        models = encoders(recipe)
+        dims = {m: int(e.feature_dim) for m, e in models.items()}
         dims["cdc"] = dims["video"] + dims["audio"]
+        f = clip_flops(recipe, models["video"], models["audio"])
         seconds = ds.videos * ds.mean_seconds
         segments = seconds * 30 / fmt.DEFAULT_SEGMENT_FRAMES  # 30 fps assumed: segments of 64 frames
         clips = training_clips(recipe)
