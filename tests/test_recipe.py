@@ -469,6 +469,49 @@ def test_k_per_view_sizes_each_head_by_the_view_it_learns(tmp_path: Path) -> Non
     assert per_view.clustering.k.audio == 16
 
 
+def test_init_seed_fixes_the_weights_alone_and_seed_the_rest(tmp_path: Path) -> None:
+    """model.init_seed: the encoders' first weights follow it whatever `seed` is; without it, `seed`."""
+    from trainer.labels import fixed_labels
+    from trainer.session import build_learner
+
+    def weights(*overrides: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        recipe = load_recipe(write(tmp_path, BASE), list(overrides))
+        learner = build_learner(recipe, fixed_labels(recipe, None, None)[1])
+        after = torch.rand(4)  # the global generator after the build: what `seed` goes on to decide
+        return {k: v.clone() for k, v in learner.encoders.state_dict().items()}, after
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    plain0, _ = weights("seed=0")
+    plain3, _ = weights("seed=3")
+    w3_s0, after_s0 = weights("seed=0", "model.init_seed=3")
+    w3_s3, after_s3 = weights("seed=3", "model.init_seed=3")
+    assert not same(plain0, plain3)
+    assert same(w3_s0, w3_s3) and same(w3_s3, plain3)  # the weights of seed 3, under either seed
+    assert not torch.equal(after_s0, after_s3)  # the rest still follows `seed`
+    assert same(weights("seed=0", "model.init_seed=0")[0], plain0)
+    with pytest.raises(ConfigError, match=r"model\.init_seed"):
+        load_recipe(write(tmp_path, BASE), ["model.init_seed=-1"])
+
+
+def test_zero_init_residual_starts_every_block_of_both_encoders_as_the_identity(tmp_path: Path) -> None:
+    from trainer.labels import fixed_labels
+    from trainer.models.blocks import BasicBlock2d, BasicBlock3d
+    from trainer.session import build_learner
+
+    def last_norms(*overrides: str) -> list[torch.Tensor]:
+        recipe = load_recipe(write(tmp_path, BASE), list(overrides))
+        learner = build_learner(recipe, fixed_labels(recipe, None, None)[1])
+        blocks = [m for m in learner.encoders.modules() if isinstance(m, (BasicBlock2d, BasicBlock3d))]
+        return [b.conv2[1].weight if isinstance(b, BasicBlock3d) else b.bn2.weight for b in blocks]
+
+    zeroed, plain = last_norms("model.zero_init_residual=true"), last_norms()
+    assert len(zeroed) == 16  # 8 blocks in each ResNet-18
+    assert all(torch.count_nonzero(w) == 0 for w in zeroed)
+    assert all(torch.all(w == 1) for w in plain)
+
+
 @pytest.mark.parametrize(
     ("k", "expected"),
     [

@@ -204,11 +204,15 @@ def build_learner(recipe: Recipe, classes: Mapping[str, int]) -> Learner:
     """
     seed_all(recipe.seed)
     m = recipe.model
+    zero = m.zero_init_residual
     builders = {
-        "video": lambda: r2plus1d_18(width=m.width, layout=m.video_layout),
-        "audio": lambda: resnet18_audio(width=m.width),
+        "video": lambda: r2plus1d_18(width=m.width, layout=m.video_layout, zero_init_residual=zero),
+        "audio": lambda: resnet18_audio(width=m.width, zero_init_residual=zero),
     }
-    encoders = {name: build() for name, build in builders.items() if name in recipe.heads}
+    with torch.random.fork_rng(devices=[], enabled=m.init_seed is not None):
+        if m.init_seed is not None:
+            torch.manual_seed(m.init_seed)
+        encoders = {name: build() for name, build in builders.items() if name in recipe.heads}
     heads = {
         enc: MultiHead(
             encoders[enc].feature_dim, {head: classes[view] for head, view in recipe.heads[enc].items()}
