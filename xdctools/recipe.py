@@ -133,7 +133,7 @@ class Model(Section):
     width: float = Field(default=1.0, gt=0.0)  # channel multiplier; 1.0 is the paper's R(2+1)D-18
     video_layout: Literal["torchvision", "xdc"] = "torchvision"
     # Seed of the encoders' initial weights alone; null: the top-level `seed`, which also orders the
-    # clips. Separates "this start cannot learn" from "this clip order cannot" (docs/digits.md, "Seed 3").
+    # clips. Separates "this start cannot learn" from "this clip order cannot" (docs/digits.md, "Seeds").
     init_seed: int | None = Field(default=None, ge=0)
     # Zero the last norm of every residual branch, so each block starts as the identity (Goyal et al.,
     # the paper's [14]); off: torchvision's init, as the paper's models.
