@@ -111,12 +111,14 @@ def test_unfinished_or_broken_run_folders_are_named(tmp_path: Path):
     assert out.exit_code == 3 and "unreadable run files" in out.output
 
 
-def _curve(name: str, seed: int, video: list[float], audio: list[float], init: str = "random") -> dict:
+def _curve(
+    name: str, seed: int, video: list[float], audio: list[float], init: str = "random", width: float = 0.125
+) -> dict:
     records = [
         {"iteration": i, "probe_video": v, "probe_audio": a, "probe_video_se": 0.02, "nmi_video": 0.1 * i}
         for i, (v, a) in enumerate(zip(video, audio, strict=True))
     ]
-    return {"run": name, "method": "xdc", "seed": seed, "init": init, "iterations": records}
+    return {"run": name, "method": "xdc", "seed": seed, "init": init, "width": width, "iterations": records}
 
 
 def test_seed_rows_pair_each_run_with_its_own_start_and_count_iterations_to_half_the_gain():
@@ -134,8 +136,10 @@ def test_seed_rows_pair_each_run_with_its_own_start_and_count_iterations_to_half
     assert rows[1]["half_probe_audio"] == 4  # 0.25 + 0.05 first reached at the last iteration
     assert iterations_to_half_gain(runs[0]["iterations"], "probe_audio_se") is None  # no such column
     text = render_seed_markdown(rows)
-    assert "| s0 | XDC | 0 | random | 0.200 → 0.700 ± 0.020 (+0.500) | 0.400 → 0.800 (+0.400) |" in text
-    assert "| s2 | XDC | 2 | handcrafted-only |" in text and "| 4 | 2 / 1 |" not in text
+    assert (
+        "| s0 | XDC | 0 | random | 0.125 | 0.200 → 0.700 ± 0.020 (+0.500) | 0.400 → 0.800 (+0.400) |" in text
+    )
+    assert "| s2 | XDC | 2 | handcrafted-only | 0.125 |" in text and "| 4 | 2 / 1 |" not in text
     assert text.rstrip().endswith("video probe +0.225 ± 0.389, audio probe +0.250 ± 0.212.")
     late = {**runs[0], "iterations": [{"iteration": 3, "probe_video": 0.1}]}
     with pytest.raises(InputError, match="s0: its first recorded iteration is not iteration 0"):
@@ -158,6 +162,26 @@ def test_mean_rows_keep_inits_apart_and_report_the_share_of_the_gap_to_superv():
     assert gap_closed(rows[:3]) == {}  # no Superv row: no ceiling to measure against
 
 
+def test_runs_of_another_width_are_another_row_and_another_start():
+    """Seed 3 at width 0.125 and at 0.25 are two networks: never averaged, their starts counted apart."""
+    runs = [
+        _curve("s3", 3, [0.14, 0.10], [0.58, 0.65], init="handcrafted-only"),
+        _curve("s4", 4, [0.11, 0.87], [0.33, 0.93], init="handcrafted-only"),
+        _curve("s3-w25", 3, [0.13, 0.94], [0.50, 0.95], init="handcrafted-only", width=0.25),
+    ]
+    rows = mean_rows(runs)
+    assert [(r["label"], r["run"]) for r in rows] == [
+        ("Random init", "iteration 0 (3 starts)"),
+        ("XDC (handcrafted-only, width 0.125)", "2 runs: s3, s4"),
+        ("XDC (handcrafted-only, width 0.25)", "1 run: s3-w25"),
+    ]
+    assert rows[0]["probe_video"] == pytest.approx((0.14 + 0.11 + 0.13) / 3)
+    assert rows[2]["probe_video"] == pytest.approx(0.94)
+    assert [r["label"] for r in compare_rows(runs[:2])][1:] == ["XDC (handcrafted-only)"] * 2  # one width
+    assert mean_rows(runs[:2])[0]["run"] == "iteration 0 (2 seeds)"
+    assert "| s3-w25 | XDC | 3 | handcrafted-only | 0.25 |" in render_seed_markdown(seed_rows(runs))
+
+
 def test_compare_seeds_on_run_folders(tmp_path: Path):
     for name, seed in (("a", 0), ("b", 1)):
         run = tmp_path / name
@@ -172,6 +196,6 @@ def test_compare_seeds_on_run_folders(tmp_path: Path):
         )
     out = CliRunner().invoke(compare, ["--seeds", str(tmp_path / "a"), str(tmp_path / "b")])
     assert out.exit_code == 0, out.output
-    assert "| a | XDC | 0 | handcrafted | 0.100 → 0.500 (+0.400) | – |" in out.output
+    assert "| a | XDC | 0 | handcrafted | 1 | 0.100 → 0.500 (+0.400) | – |" in out.output  # no model: 1.0
     both = CliRunner().invoke(compare, ["--seeds", "--mean", str(tmp_path / "a")])
     assert both.exit_code == 2 and "--mean and --seeds are two different tables" in both.output

@@ -61,6 +61,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "seed": recipe.get("seed"),
         "k": k_label(recipe.get("clustering")),
         "init": init_label(recipe.get("clustering")),
+        "width": width_of(recipe.get("model")),
         "iterations": result["iterations"],
     }
 
@@ -73,6 +74,14 @@ def k_label(clustering: Any) -> str | None:
     if isinstance(k, Mapping):
         return ", ".join(f"{view} {k[view]}" for view in ("video", "audio") if view in k)
     return str(k)
+
+
+def width_of(model: Any) -> float | None:
+    """The encoders' channel multiplier (`model.width`; absent: the default 1.0); None if unreadable."""
+    if not isinstance(model, Mapping):
+        return 1.0 if model is None else None
+    width = model.get("width", 1.0)
+    return float(width) if isinstance(width, int | float) else None
 
 
 def init_label(clustering: Any) -> str | None:
@@ -95,6 +104,7 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     or data), the row says so through `spread` (max - min of each column over the runs).
     """
     rows: list[dict[str, Any]] = []
+    labels = method_labels(runs)
     starts = [r["iterations"][0] for r in runs if r["iterations"][0].get("iteration") == 0]
     if starts:
         row: dict[str, Any] = {"label": "Random init", "run": "iteration 0", "iterations": 0}
@@ -106,10 +116,10 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 spread[col] = max(values) - min(values)
         row["spread"] = spread
         rows.append(row)
-    for r in runs:
+    for r, label in zip(runs, labels, strict=True):
         last = r["iterations"][-1]
         row = {
-            "label": _method_label(r),
+            "label": label,
             "run": r["run"],
             "iterations": _final_iteration(r),
             "k": r.get("k"),
@@ -124,19 +134,20 @@ def mean_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     (`<col>_sd`) of the runs' final values, and a random-init row averaged over each seed's iteration 0.
 
     One run (one seed) says little when a probe swings by a few points between iterations; several seeds
-    of each method, averaged, is how the comparison should be read. Runs of one seed share a random start,
-    so it is counted once per seed.
+    of each method, averaged, is how the comparison should be read. Runs of one seed and width share a
+    random start, so it is counted once per (seed, width).
     """
     starts: dict[Any, list[Mapping[str, Any]]] = {}
     methods: dict[str, list[Mapping[str, Any]]] = {}
-    for r in runs:
-        methods.setdefault(_method_label(r), []).append(r)
+    for r, label in zip(runs, method_labels(runs), strict=True):
+        methods.setdefault(label, []).append(r)
         if r["iterations"][0].get("iteration") == 0:
-            starts.setdefault(r.get("seed"), []).append(r["iterations"][0])
+            starts.setdefault((r.get("seed"), r.get("width")), []).append(r["iterations"][0])
     rows = []
     if starts:
         per_seed = [{col: _first_finite(col, group) for col in COLUMNS} for group in starts.values()]
-        rows.append(_mean_row("Random init", f"iteration 0 ({_count(len(starts), 'seed')})", 0, per_seed))
+        word = "seed" if len({width for _, width in starts}) == 1 else "start"  # a start: seed and width
+        rows.append(_mean_row("Random init", f"iteration 0 ({_count(len(starts), word)})", 0, per_seed))
     for label, group in methods.items():
         run = f"{_count(len(group), 'run')}: " + ", ".join(r["run"] for r in group)
         iterations = max(_final_iteration(r) for r in group)
@@ -147,10 +158,23 @@ def mean_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _method_label(run: Mapping[str, Any]) -> str:
-    """ "XDC", or "XDC (handcrafted-only)" when its first labels did not come from the random encoders."""
-    name = METHOD_NAMES.get(run["method"], run["method"])
-    return name if run.get("init") in (None, "random") else f"{name} ({run['init']})"
+def method_labels(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each run's row label: "XDC", "XDC (handcrafted-only)" when its first labels did not come from the
+    random encoders, and "..., width 0.25" when the runs compared are not all of one width (encoders of
+    another width are another model: their runs are never averaged together)."""
+    widths = {r.get("width") for r in runs}
+    labels = []
+    for r in runs:
+        name = METHOD_NAMES.get(r["method"], r["method"])
+        notes = [] if r.get("init") in (None, "random") else [str(r["init"])]
+        if len(widths) > 1:
+            notes.append(f"width {_width_text(r.get('width'))}")
+        labels.append(f"{name} ({', '.join(notes)})" if notes else name)
+    return labels
+
+
+def _width_text(width: float | None) -> str:
+    return "?" if width is None else f"{width:g}"
 
 
 def gap_closed(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -189,6 +213,7 @@ def seed_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "method": r["method"],
             "seed": r.get("seed"),
             "init": r.get("init"),
+            "width": r.get("width"),
             "iterations": _final_iteration(r),
         }
         for col in (*PROBES, "nmi_video", "nmi_audio", "nmi_cdc"):
@@ -218,9 +243,9 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The per-seed table: start -> end (gain) of each probe with its standard error, NMI start -> end,
     and the iterations to half the final gain; a last line with the gains' mean and standard deviation."""
     lines = [
-        "| run | method | seed | init | video probe | audio probe | NMI video clusters | NMI audio clusters "
-        "| iterations to half the gain (video / audio) |",
-        "|---|---|---:|---|---|---|---|---|---|",
+        "| run | method | seed | init | width | video probe | audio probe | NMI video clusters "
+        "| NMI audio clusters | iterations to half the gain (video / audio) |",
+        "|---|---|---:|---|---:|---|---|---|---|---|",
     ]
     for r in rows:
         probes = [_paired(r, col, with_se=True) for col in PROBES]
@@ -228,7 +253,7 @@ def render_seed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         half = " / ".join("–" if r[f"half_{c}"] is None else str(r[f"half_{c}"]) for c in PROBES)
         method = METHOD_NAMES.get(r["method"], r["method"])
         lines.append(
-            f"| {r['run']} | {method} | {r['seed']} | {r['init'] or '–'} | "
+            f"| {r['run']} | {method} | {r['seed']} | {r['init'] or '–'} | {_width_text(r.get('width'))} | "
             + " | ".join(probes + nmis)
             + f" | {half} |"
         )
