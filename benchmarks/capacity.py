@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.models import r2plus1d_18, resnet18_audio
+from trainer.session import build_encoders
 from xdctools.recipe import Recipe, load_recipe
 from xdctools.shard import format as fmt
 
@@ -55,14 +55,6 @@ def flops(model: torch.nn.Module, x: torch.Tensor, backward: bool) -> float:
         if backward:
             out.sum().backward()
     return float(counter.get_total_flops())
-
-
-def encoders(recipe: Recipe) -> dict[str, torch.nn.Module]:
-    """The recipe's video and audio encoders, as the training loop builds them."""
-    return {
-        "video": r2plus1d_18(width=recipe.model.width, layout=recipe.model.video_layout),
-        "audio": resnet18_audio(width=recipe.model.width),
-    }
 
 
 def clip_flops(recipe: Recipe, video: torch.nn.Module, audio: torch.nn.Module) -> dict[str, float]:
@@ -100,7 +92,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, float | str]]:
     out = []
     for ds in DATASETS:
         recipe = load_recipe(ROOT / "recipes" / "pretrain" / ds.recipe)
-        models = encoders(recipe)
+        models = build_encoders(recipe)  # as the training loop builds them
         dims = {m: int(e.feature_dim) for m, e in models.items()}
         dims["cdc"] = dims["video"] + dims["audio"]
         f = clip_flops(recipe, models["video"], models["audio"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,19 @@ def build_learner(recipe: Recipe, classes: Mapping[str, int]) -> Learner:
     `classes`: the number of classes of each label view the heads learn (k of a clustering view).
     """
     seed_all(recipe.seed)
+    encoders = build_encoders(recipe, [name for name in ("video", "audio") if name in recipe.heads])
+    heads = {
+        enc: MultiHead(
+            encoders[enc].feature_dim, {head: classes[view] for head, view in recipe.heads[enc].items()}
+        )
+        for enc in encoders
+    }
+    return Learner(encoders, heads)
+
+
+def build_encoders(recipe: Recipe, names: Sequence[str] = ("video", "audio")) -> dict[str, nn.Module]:
+    """The recipe's encoders of `names`, from torch's global generator, or from `model.init_seed` when set
+    (the generator is then left as it was, for whatever `seed` decides next)."""
     m = recipe.model
     zero = m.zero_init_residual
     builders = {
@@ -212,14 +225,7 @@ def build_learner(recipe: Recipe, classes: Mapping[str, int]) -> Learner:
     with torch.random.fork_rng(devices=[], enabled=m.init_seed is not None):
         if m.init_seed is not None:
             torch.manual_seed(m.init_seed)
-        encoders = {name: build() for name, build in builders.items() if name in recipe.heads}
-    heads = {
-        enc: MultiHead(
-            encoders[enc].feature_dim, {head: classes[view] for head, view in recipe.heads[enc].items()}
-        )
-        for enc in encoders
-    }
-    return Learner(encoders, heads)
+        return {name: builders[name]() for name in names}
 
 
 def wrap_for_training(learner: Learner, recipe: Recipe, dist: distributed.Dist) -> nn.Module:
