@@ -171,15 +171,35 @@ def test_runs_of_another_width_are_another_row_and_another_start():
     ]
     rows = mean_rows(runs)
     assert [(r["label"], r["run"]) for r in rows] == [
-        ("Random init", "iteration 0 (3 starts)"),
+        ("Random init (width 0.125)", "iteration 0 (2 seeds)"),
+        ("Random init (width 0.25)", "iteration 0 (1 seed)"),
         ("XDC (handcrafted-only, width 0.125)", "2 runs: s3, s4"),
         ("XDC (handcrafted-only, width 0.25)", "1 run: s3-w25"),
     ]
-    assert rows[0]["probe_video"] == pytest.approx((0.14 + 0.11 + 0.13) / 3)
-    assert rows[2]["probe_video"] == pytest.approx(0.94)
+    assert rows[0]["probe_video"] == pytest.approx((0.14 + 0.11) / 2) and rows[1]["probe_video"] == 0.13
+    assert rows[3]["probe_video"] == pytest.approx(0.94)
+    randoms = ["Random init (width 0.125)", "Random init (width 0.25)"]
+    assert [r["label"] for r in compare_rows(runs)][:2] == randoms
     assert [r["label"] for r in compare_rows(runs[:2])][1:] == ["XDC (handcrafted-only)"] * 2  # one width
     assert mean_rows(runs[:2])[0]["run"] == "iteration 0 (2 seeds)"
     assert "| s3-w25 | XDC | 3 | handcrafted-only | 0.25 |" in render_seed_markdown(seed_rows(runs))
+
+
+def test_the_share_of_the_gap_is_taken_against_the_random_init_and_superv_of_the_same_width():
+    runs = [
+        _curve("x", 0, [0.2, 0.6], [0.4, 0.8]),
+        {**_curve("s", 0, [0.2, 1.0], [0.4, 1.0]), "method": "superv", "init": None},
+        _curve("x-w25", 0, [0.1, 0.9], [0.5, 0.9], width=0.25),
+        {**_curve("s-w25", 0, [0.1, 0.5], [0.5, 0.7], width=0.25), "method": "superv", "init": None},
+        _curve("x-w5", 0, [0.1, 0.5], [0.5, 0.7], width=0.5),  # no Superv of its width: no share
+    ]
+    for rows in (mean_rows(runs), compare_rows(runs)):
+        closed = gap_closed(rows)
+        assert closed["XDC (width 0.125)"] == pytest.approx({"probe_video": 0.5, "probe_audio": 2 / 3})
+        assert closed["XDC (width 0.25)"] == pytest.approx({"probe_video": 2.0, "probe_audio": 2.0})
+        assert set(closed) == {"XDC (width 0.125)", "XDC (width 0.25)"}
+    text = render_markdown(mean_rows(runs))
+    assert "gap closed: XDC (width 0.125) video 0.50, audio 0.67; XDC (width 0.25) video 2.00" in text
 
 
 def test_compare_seeds_on_run_folders(tmp_path: Path):

@@ -101,13 +101,22 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     Iteration 0 of a clustering run is the random encoders' features clustered, so its NMIs are the
     random-init NMIs; a supervised run has no clusters. When runs disagree on iteration 0 (other seeds
-    or data), the row says so through `spread` (max - min of each column over the runs).
+    or data), the row says so through `spread` (max - min of each column over the runs). Runs of several
+    widths get a random-init row per width: encoders of another width are another random start.
     """
     rows: list[dict[str, Any]] = []
-    labels = method_labels(runs)
-    starts = [r["iterations"][0] for r in runs if r["iterations"][0].get("iteration") == 0]
-    if starts:
-        row: dict[str, Any] = {"label": "Random init", "run": "iteration 0", "iterations": 0}
+    widths = list(dict.fromkeys(r.get("width") for r in runs))
+    for width in widths:
+        starts = [_start(r) for r in runs if r.get("width") == width and _start(r) is not None]
+        if not starts:
+            continue
+        row: dict[str, Any] = {
+            "label": _random_label(width, widths),
+            "run": "iteration 0",
+            "iterations": 0,
+            "method": None,
+            "width": width,
+        }
         spread = {}
         for col in COLUMNS:
             values = [v for s in starts if (v := _finite(s.get(col))) is not None]
@@ -116,13 +125,15 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 spread[col] = max(values) - min(values)
         row["spread"] = spread
         rows.append(row)
-    for r, label in zip(runs, labels, strict=True):
+    for r, label in zip(runs, method_labels(runs), strict=True):
         last = r["iterations"][-1]
         row = {
             "label": label,
             "run": r["run"],
             "iterations": _final_iteration(r),
             "k": r.get("k"),
+            "method": r["method"],
+            "width": r.get("width"),
         }
         row.update({col: _finite(last.get(col)) for col in COLUMNS})
         rows.append(row)
@@ -135,27 +146,39 @@ def mean_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     One run (one seed) says little when a probe swings by a few points between iterations; several seeds
     of each method, averaged, is how the comparison should be read. Runs of one seed and width share a
-    random start, so it is counted once per (seed, width).
+    random start, so it is counted once per (seed, width); each width has its own random-init row.
     """
-    starts: dict[Any, list[Mapping[str, Any]]] = {}
+    starts: dict[Any, dict[Any, list[Mapping[str, Any]]]] = {}  # width -> seed -> iteration-0 records
     methods: dict[str, list[Mapping[str, Any]]] = {}
     for r, label in zip(runs, method_labels(runs), strict=True):
         methods.setdefault(label, []).append(r)
-        if r["iterations"][0].get("iteration") == 0:
-            starts.setdefault((r.get("seed"), r.get("width")), []).append(r["iterations"][0])
+        if (start := _start(r)) is not None:
+            starts.setdefault(r.get("width"), {}).setdefault(r.get("seed"), []).append(start)
     rows = []
-    if starts:
-        per_seed = [{col: _first_finite(col, group) for col in COLUMNS} for group in starts.values()]
-        word = "seed" if len({width for _, width in starts}) == 1 else "start"  # a start: seed and width
-        rows.append(_mean_row("Random init", f"iteration 0 ({_count(len(starts), word)})", 0, per_seed))
+    widths = list(dict.fromkeys(r.get("width") for r in runs))
+    for width, per_seed in starts.items():
+        firsts = [{col: _first_finite(col, group) for col in COLUMNS} for group in per_seed.values()]
+        run = f"iteration 0 ({_count(len(per_seed), 'seed')})"
+        row = _mean_row(_random_label(width, widths), run, 0, firsts)
+        rows.append({**row, "method": None, "width": width})
     for label, group in methods.items():
         run = f"{_count(len(group), 'run')}: " + ", ".join(r["run"] for r in group)
         iterations = max(_final_iteration(r) for r in group)
         row = _mean_row(label, run, iterations, [r["iterations"][-1] for r in group])
         ks = sorted({r["k"] for r in group if r.get("k") is not None})
-        row["k"] = "; ".join(ks) or None
+        row.update(k="; ".join(ks) or None, method=group[0]["method"], width=group[0].get("width"))
         rows.append(row)
     return rows
+
+
+def _start(run: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A run's iteration-0 record (its random encoders), None when the run did not record one."""
+    first = run["iterations"][0]
+    return first if first.get("iteration") == 0 else None
+
+
+def _random_label(width: float | None, widths: Sequence[float | None]) -> str:
+    return "Random init" if len(widths) == 1 else f"Random init (width {_width_text(width)})"
 
 
 def method_labels(runs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -179,15 +202,17 @@ def _width_text(width: float | None) -> str:
 
 def gap_closed(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """label -> {probe column: (method - random init) / (Superv - random init)}: the share of the gap between
-    the random encoders and supervised pretraining each method closes (1 = as good as Superv). Empty
-    without a Random init and a Superv row, or where Superv does not beat random init."""
-    start = next((r for r in rows if r["label"] == "Random init"), None)
-    ceiling = next((r for r in rows if r["label"] == "Superv"), None)
-    if start is None or ceiling is None:
-        return {}
+    the random encoders and supervised pretraining each method closes (1 = as good as Superv), each against
+    the random init and Superv of its own width. Nothing for a width without both, or where Superv does not
+    beat random init."""
     out: dict[str, dict[str, float]] = {}
     for r in rows:
-        if r is start or r is ceiling:
+        if r.get("method") in (None, "superv"):
+            continue
+        same = [s for s in rows if s.get("width") == r.get("width")]
+        start = next((s for s in same if s.get("method") is None), None)
+        ceiling = next((s for s in same if s.get("method") == "superv"), None)
+        if start is None or ceiling is None:
             continue
         for col in PROBES:
             low, high, value = start.get(col), ceiling.get(col), r.get(col)
