@@ -107,7 +107,7 @@ def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     widths = list(dict.fromkeys(r.get("width") for r in runs))
     for width in widths:
-        starts = [_start(r) for r in runs if r.get("width") == width and _start(r) is not None]
+        starts = [s for r in runs if r.get("width") == width and (s := _start(r)) is not None]
         if not starts:
             continue
         row: dict[str, Any] = {
