@@ -548,7 +548,9 @@ def test_a_probe_on_the_mean_of_several_clips_per_video(shards: Path, tmp_path: 
     stored = open_store(tmp_path / "run" / "features" / "final.zarr")
     for modality, encoder in encoders.items():
         loader = eval_loader(shard_set, batch_size=2, num_clips=3, clip=clip, run=run)
+        encoder.train()
         files, means, _ = extract_clip_features(encoder, loader, modality=modality, device="cpu").per_file()
+        assert encoder.training  # its mode restored: a caller still training it keeps learning batch norm
         assert np.array_equal(catalog.rows_of(files), np.arange(catalog.num_videos))
         correct = cross_validated_probe(means, catalog.labels, 3, seed=recipe.seed)
         final = next(r for r in probes if r["iteration"] == 1 and r["modality"] == modality)

@@ -46,6 +46,7 @@ from trainer.evaluate.splits import (
     loader_runtime,
     open_sets,
 )
+from trainer.extract import eval_mode
 from xdctools.errors import ConfigError, DataError
 from xdctools.eval_recipe import EvalRecipe
 
@@ -87,16 +88,17 @@ def extract_clip_features(
     device: torch.device,
     precision: str = "fp32",
 ) -> ClipFeatures:
-    """`encoder.forward_features` of every clip the loader yields, the encoder in eval mode."""
-    encoder.eval()
-    rows = forward_clips(
-        encoder.forward_features,
-        lambda f: f.float(),
-        loader,
-        modality=modality,
-        device=device,
-        precision=precision,
-    )
+    """`encoder.forward_features` of every clip the loader yields, the encoder in eval mode (its own mode
+    restored after, so that a caller still training it is not left with frozen batch-norm statistics)."""
+    with eval_mode({modality: encoder}):
+        rows = forward_clips(
+            encoder.forward_features,
+            lambda f: f.float(),
+            loader,
+            modality=modality,
+            device=device,
+            precision=precision,
+        )
     if rows is None:
         dim = int(getattr(encoder, "feature_dim", 0))
         return ClipFeatures(np.zeros((0, dim), np.float32), *(np.zeros(0, np.int64) for _ in range(3)))
